@@ -1,0 +1,101 @@
+"""onnxruntime backend: an `InferenceSession` per model, configured from the device.
+
+Device options: ``graph_optimization`` (disable/basic/extended/all), ``providers`` (a list),
+``profile_nodes`` (bool: keep onnxruntime's per-node trace for `Runner.node_profile`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from hwnas.backends.base import Runner, TensorSpec
+from hwnas.devices import Device
+from hwnas.errors import UserError
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+           "tensor(int8)": np.int8}
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False, "onnxruntime is not installed (pip install onnxruntime)"
+    return True, ""
+
+
+def session_options(device: Device):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = device.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # spinning threads burn the other core of a 2-core host and disturb what they measure
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    level = device.options.get("graph_optimization", "all")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise UserError(f"device {device.name}: graph_optimization {level!r} is not one of "
+                        f"{', '.join(levels)}")
+    so.graph_optimization_level = levels[level]
+    so.log_severity_level = 3
+    return so
+
+
+class OrtRunner(Runner):
+    def __init__(self, onnx_path: str | Path, device: Device):
+        import onnxruntime as ort
+
+        so = session_options(device)
+        self._trace_dir = None
+        if device.options.get("profile_nodes"):
+            self._trace_dir = tempfile.mkdtemp(prefix="hwnas-ort-trace-")
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(self._trace_dir, "trace")
+        providers = list(device.options.get("providers", ["CPUExecutionProvider"]))
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise UserError(f"device {device.name}: onnxruntime here lacks {missing} (has "
+                            f"{ort.get_available_providers()}); install the matching "
+                            "onnxruntime build or pick another device")
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own non-exported exception types
+            msg = str(e).splitlines()[0][:300]
+            raise UserError(f"onnxruntime cannot load {onnx_path}: {msg}") from None
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(_DTYPES.get(i.type, np.float32)))
+                       for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, feed):
+        return self.session.run(self._outputs, feed)
+
+    def node_profile(self):
+        """Per-node kernel times (ms) from onnxruntime's trace of every run so far."""
+        if self._trace_dir is None:
+            return None
+        trace = self.session.end_profiling()
+        events = json.loads(Path(trace).read_text())
+        return [(e["name"].removesuffix("_kernel_time"), e["dur"] / 1000.0) for e in events
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+    def close(self):
+        self.session = None
+
+
+def compile(onnx_path: str | Path, device: Device) -> OrtRunner:  # noqa: A001 (the Backend verb)
+    ok, why = available()
+    if not ok:
+        raise UserError(f"device {device.name} needs onnxruntime: {why}")
+    return OrtRunner(onnx_path, device)

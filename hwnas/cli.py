@@ -1,0 +1,310 @@
+"""The `hwnas` command: argument parsing → one library call → a table or one JSON object.
+
+Exit codes: 0 success, 2 bad input (one line on stderr saying what to do), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from hwnas.errors import UserError
+
+
+def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) -> None:
+    if device:
+        p.add_argument("--device", required=True, help="device name (see `hwnas devices`)")
+    if space:
+        p.add_argument("--space", required=True, help="search space (det20, det40, tiny; "
+                       "a width multiplier as det20-w0.5)")
+        p.add_argument("--input", default=None, help="input shape NxCxHxW (default: the space's)")
+    if tables:
+        p.add_argument("--tables", type=Path, default=None,
+                       help="folder of latency tables (default: latency_tables/ of the checkout)")
+        p.add_argument("--strict", action="store_true",
+                       help="refuse a table measured on another machine instead of warning")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS: profile, "
+                                 "predict, validate, search, export.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("devices", help="list known devices and whether each is usable here")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("profile", help="build or resume a latency table")
+    _common(p)
+    p.add_argument("--calibration-n", type=int, default=20,
+                   help="whole candidates measured to calibrate the sum (default 20; 0: none)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("predict", help="latency of a candidate from the LUT")
+    _common(p)
+    p.add_argument("--arch", required=True, help="e.g. det20:01230123012301230123")
+
+    p = sub.add_parser("measure", help="measured latency of an ONNX file or a candidate")
+    _common(p, space=False, tables=False)
+    p.add_argument("--onnx", default=None)
+    p.add_argument("--space", default=None)
+    p.add_argument("--arch", default=None)
+    p.add_argument("--input", default=None)
+    p.add_argument("--naive", action="store_true",
+                   help="time a plain loop instead of the protocol (for comparison only)")
+
+    p = sub.add_parser("noise", help="this machine's noise floor for the protocol")
+    _common(p, space=False)
+    p.add_argument("--arch", default="det20:00000000000000000000",
+                   help="the candidate to time (default: a det20 model of ~3 ms here)")
+    p.add_argument("--processes", type=int, default=6)
+
+    p = sub.add_parser("validate", help="predicted vs measured on N held-out random candidates")
+    _common(p)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None,
+                   help="prefix of the CSV and PNG (default: beside the table)")
+
+    p = sub.add_parser("export", help="a standalone candidate as ONNX")
+    p.add_argument("--space", required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--input", default=None)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job end to end on the embedded defaults")
+    p.add_argument("--device", default="cpu-ort-fp32")
+    p.add_argument("--space", default="det20")
+    p.add_argument("--input", default="1x3x320x320")
+    p.add_argument("--budget-ms", type=float, default=None)
+    p.add_argument("--out", type=Path, default=Path("hwnas-demo"))
+    p.add_argument("--tables", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _positive(name: str, v: int) -> int:
+    if v <= 0:
+        raise UserError(f"{name} must be a positive integer, got {v}")
+    return v
+
+
+def _shape(args, space):
+    from hwnas.spaces import parse_shape
+
+    shape = parse_shape(args.input) if args.input else space.default_input
+    if shape[1] != space.default_input[1]:
+        raise UserError(f"input {args.input} has {shape[1]} channels; {space.name} takes "
+                        f"{space.default_input[1]}")
+    return shape
+
+
+def _predictor(args):
+    from hwnas.devices import load_device
+    from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
+    from hwnas.spaces import get_space
+
+    device, space = load_device(args.device), get_space(args.space)
+    shape = _shape(args, space)
+    table = LatencyTable.load(table_path(args.tables or tables_dir(), device.name, space.name,
+                                         shape))
+    table.check_fingerprint(device, strict=args.strict)
+    return device, space, shape, LutPredictor(table, space, shape)
+
+
+def _emit(args, obj: dict, lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_devices(args) -> None:
+    from hwnas.backends import backend_available
+    from hwnas.devices import list_devices
+
+    rows = []
+    for d in list_devices():
+        ok, why = backend_available(d)
+        rows.append({"name": d.name, "backend": d.backend, "precision": d.precision,
+                     "threads": d.threads, "available": ok, "why_not": why,
+                     "description": d.description})
+    lines = [f"{'device':<20} {'backend':<12} {'prec':<6} {'usable':<7} why / description"]
+    lines += [f"{r['name']:<20} {r['backend']:<12} {r['precision']:<6} "
+              f"{'yes' if r['available'] else 'no':<7} {r['why_not'] or r['description']}"
+              for r in rows]
+    _emit(args, {"devices": rows}, lines)
+
+
+def cmd_profile(args) -> None:
+    from hwnas.devices import load_device
+    from hwnas.latency.profile import profile
+    from hwnas.latency.table import tables_dir
+    from hwnas.spaces import get_space
+
+    device, space = load_device(args.device), get_space(args.space)
+    shape = _shape(args, space)
+    rep = profile(device, space, shape, args.tables or tables_dir(),
+                  calibration_n=args.calibration_n, seed=args.seed, progress=not args.quiet)
+    rep.table.check_fingerprint(device, strict=args.strict)
+    d = rep.to_dict()
+    cal = d["calibration"]
+    _emit(args, d, [f"{d['table']}: {d['rows']} ops ({d['measured_ops']} measured now, "
+                    f"{d['reused_ops']} reused)",
+                    f"calibration: latency = {cal['intercept_ms']:.4f} ms + "
+                    + " + ".join(f"{v:.3f}×Σ{k}" for k, v in cal["slopes"].items())
+                    + f" (max fit error {cal['fit_max_abs_err_pct']:.2f}%)"
+                    if cal.get("slopes") is not None else "calibration: none"])
+
+
+def cmd_predict(args) -> None:
+    device, space, shape, pred = _predictor(args)
+    arch = space.parse(args.arch)
+    ms = pred.predict(arch)
+    _emit(args, {"arch": str(arch), "latency_ms": ms, "device": device.name,
+                 "input_shape": list(shape)}, [f"{arch}  {ms:.4f} ms  ({device.name})"])
+
+
+def cmd_measure(args) -> None:
+    from hwnas.devices import load_device
+    from hwnas.measure import measure_file
+
+    device = load_device(args.device)
+    if (args.onnx is None) == (args.arch is None):
+        raise UserError("give either --onnx F or --space S --arch A")
+    with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp:
+        path = args.onnx
+        if path is None:
+            from hwnas.export import export_onnx
+            from hwnas.spaces import get_space
+
+            if args.space is None:
+                raise UserError("--arch needs --space")
+            space = get_space(args.space)
+            arch = space.parse(args.arch)
+            path = str(export_onnx(space.build(arch), _shape(args, space), Path(tmp) / "m.onnx"))
+        res = measure_file(path, device, naive=args.naive)
+    res.update({"device": device.name, "onnx": args.onnx, "arch": args.arch})
+    _emit(args, res, [f"{args.onnx or args.arch}: {res['latency_ms']:.4f} ms on {device.name} "
+                      f"({res['method']})"])
+
+
+def cmd_noise(args) -> None:
+    from hwnas.devices import load_device
+    from hwnas.export import export_onnx
+    from hwnas.latency.table import atomic_write_text, now_iso, tables_dir
+    from hwnas.measure import measure_noise
+    from hwnas.spaces import get_space
+
+    device = load_device(args.device)
+    n = _positive("--processes", args.processes)
+    if n < 2:
+        raise UserError("--processes must be at least 2 to have a spread")
+    space = get_space(args.arch.split(":")[0])
+    arch = space.parse(args.arch)
+    with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp:
+        path = str(export_onnx(space.build(arch), space.default_input, Path(tmp) / "m.onnx"))
+        reports = {}
+        for method, naive in (("protocol", False), ("naive_loop", True)):
+            if not args.quiet:
+                print(f"timing {arch} in {n} fresh processes ({method})...", file=sys.stderr)
+            reports[method] = measure_noise(path, device.name, n, naive=naive).to_dict()
+    result = {"device": device.name, "arch": str(arch), "processes": n, "date": now_iso(),
+              "fingerprint": device.fingerprint(), **reports,
+              "noise_floor_pct": 100 * reports["protocol"]["cv"]}
+    out = (args.tables or tables_dir()) / device.name / "noise.json"
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    lines = [f"noise floor on {device.name} ({arch}, {n} processes, between-process spread of "
+             "the latency):"]
+    for method in ("protocol", "naive_loop"):
+        r = reports[method]
+        lines.append(f"  {method:<11} CV {100 * r['cv']:.2f}%  range {100 * r['range_rel']:.2f}%"
+                     f"  values {r['medians_ms']}")
+    lines.append(f"saved {out}")
+    _emit(args, result, lines)
+
+
+def cmd_validate(args) -> None:
+    from hwnas.latency.table import shape_text
+    from hwnas.latency.validate import validate
+
+    device, space, shape, pred = _predictor(args)
+    _positive("--n", args.n)
+    prefix = args.out or pred.table.path.parent / f"{space.name}_{shape_text(shape)}"
+    rep = validate(pred, device, args.n, args.seed, prefix,
+                   noise_file=pred.table.path.parent / "noise.json", progress=not args.quiet)
+    _emit(args, rep.to_dict(), rep.lines())
+
+
+def cmd_export(args) -> None:
+    from hwnas.export import check_export, export_onnx
+    from hwnas.spaces import get_space
+
+    space = get_space(args.space)
+    arch = space.parse(args.arch)
+    shape = _shape(args, space)
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} exists; pass --force to overwrite it")
+    model = space.build(arch)
+    path = export_onnx(model, shape, args.output)
+    check = check_export(model, path, shape)
+    if not check.ok:
+        raise RuntimeError(f"exported model differs from torch: rel err {check.rel_err:.2e}")
+    _emit(args, {"arch": str(arch), "onnx": str(path), "input_shape": list(shape),
+                 "max_rel_err_vs_torch": check.rel_err},
+          [f"wrote {path} ({arch}, input {'x'.join(map(str, shape))}; onnxruntime vs torch "
+           f"max rel err {check.rel_err:.1e})"])
+
+
+def cmd_demo(args) -> None:
+    from hwnas.demo import DemoConfig, run_demo
+    from hwnas.spaces import get_space, parse_shape
+
+    get_space(args.space)
+    res = run_demo(DemoConfig(device=args.device, space=args.space,
+                              input_shape=parse_shape(args.input), tables=args.tables,
+                              out=args.out, budget_ms=args.budget_ms, seed=args.seed,
+                              progress=not args.quiet))
+    v, p = res["validation"], res["pick"]
+    lines = [f"1. profile: {res['profile']['table']} ({res['profile']['rows']} ops, "
+             f"{res['profile']['measured_ops']} measured now)",
+             f"2. validate: {v['n']} held-out candidates, mean |error| "
+             f"{v['mean_abs_err_pct']:.2f}%, {100 * v['within_10pct']:.0f}% within ±10%",
+             f"3. pick under {p['budget_ms']} ms (most MACs among the sample): {p['arch']} "
+             f"({p['macs_m']} M MACs, predicted {p['predicted_ms']:.3f} ms)",
+             f"4. export + measure: {p['onnx']} measured {p['measured_ms']:.3f} ms "
+             f"(prediction error {p['error_pct']:+.2f}%; onnxruntime vs torch rel err "
+             f"{p['onnx_max_rel_err_vs_torch']:.1e})",
+             f"   budget {p['budget_ms']} ms {'KEPT' if p['keeps_budget'] else 'MISSED'} "
+             f"(tolerance: noise floor {p['tolerance_pct']:.2f}%)"]
+    _emit(args, res, lines)
+
+
+COMMANDS = {"devices": cmd_devices, "profile": cmd_profile, "predict": cmd_predict,
+            "measure": cmd_measure, "noise": cmd_noise, "validate": cmd_validate,
+            "export": cmd_export, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.cmd](args)
+    except UserError as e:
+        print(f"hwnas {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hwnas {args.cmd}: interrupted (progress so far is saved)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""`hwnas demo`: the main job end to end on the embedded defaults.
+
+profile (reusing a committed LUT) → validate a few held-out candidates → a latency-budgeted
+pick priced by the LUT (for now: the candidate with the most MACs under the budget among a
+seeded sample) → export it, check it against torch, and measure it against the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hwnas.devices import load_device
+from hwnas.errors import UserError
+from hwnas.export import check_export, export_onnx
+from hwnas.latency.predict import LutPredictor
+from hwnas.latency.profile import profile
+from hwnas.latency.table import shape_text
+from hwnas.latency.validate import noise_floor_pct, validate
+from hwnas.measure import Protocol, measure_file
+from hwnas.spaces import count_macs, get_space
+
+DEFAULT_NOISE_PCT = 3.0  # used only when `hwnas noise` has not been run for the device
+
+
+@dataclass
+class DemoConfig:
+    device: str = "cpu-ort-fp32"
+    space: str = "det20"
+    input_shape: tuple[int, ...] = (1, 3, 320, 320)
+    tables: Path | None = None
+    out: Path = Path("hwnas-demo")
+    budget_ms: float | None = None  # default: the median predicted latency of the sample
+    validate_n: int = 5
+    sample_n: int = 20000
+    seed: int = 0
+    progress: bool = True
+
+
+def macs_grid(space, input_shape) -> tuple[float, np.ndarray]:
+    """(fixed MACs, [layers, choices] MACs) from the same key walk the LUT uses."""
+    fixed, grid = space.key_grid(input_shape)
+    macs = {}
+    for k in fixed + [k for row in grid for k in row]:
+        if str(k) not in macs:
+            macs[str(k)] = count_macs(space.build_op(k), k.in_shape)
+    return (float(sum(macs[str(k)] for k in fixed)),
+            np.array([[macs[str(k)] for k in row] for row in grid], dtype=np.float64))
+
+
+def pick_most_macs(predictor: LutPredictor, budget_ms: float | None, n: int, seed: int):
+    """Among `n` seeded random candidates, the one with the most MACs within `budget_ms`."""
+    space = predictor.space
+    archs = space.sample_many(n, np.random.default_rng(seed))
+    lat = predictor.predict_many(archs)
+    fixed, grid = macs_grid(space, predictor.input_shape)
+    macs = fixed + grid[np.arange(archs.shape[1]), archs].sum(1)
+    if budget_ms is None:
+        budget_ms = round(float(np.median(lat)), 2)
+    fastest = predictor.fastest_ms()
+    if budget_ms < fastest:
+        raise UserError(f"budget {budget_ms} ms is infeasible: the fastest {space.name} candidate "
+                        f"the LUT can price takes {fastest:.3f} ms; raise --budget-ms")
+    ok = np.flatnonzero(lat <= budget_ms)
+    if not len(ok):
+        raise UserError(f"none of {n} sampled candidates fits {budget_ms} ms (fastest possible "
+                        f"{fastest:.3f} ms); raise --budget-ms")
+    best = int(ok[np.argmax(macs[ok])])
+    arch = space.arch(archs[best])
+    return arch, float(lat[best]), float(macs[best]), budget_ms
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from hwnas.latency.table import tables_dir
+
+    device, space = load_device(cfg.device), get_space(cfg.space)
+    root = cfg.tables or tables_dir()
+    prof = profile(device, space, cfg.input_shape, root, progress=cfg.progress)
+    table = prof.table
+    table.check_fingerprint(device)
+    predictor = LutPredictor(table, space, cfg.input_shape)
+    noise_file = table.path.parent / "noise.json"
+    out_prefix = cfg.out / f"{space.name}_{shape_text(cfg.input_shape)}"
+    val = validate(predictor, device, cfg.validate_n, cfg.seed + 1000, out_prefix,
+                   noise_file=noise_file, progress=cfg.progress)
+    arch, predicted, macs, budget = pick_most_macs(predictor, cfg.budget_ms, cfg.sample_n,
+                                                   cfg.seed)
+    model = space.build(arch)
+    onnx_path = export_onnx(model, cfg.input_shape, cfg.out / f"{str(arch).replace(':', '_')}.onnx")
+    check = check_export(model, onnx_path, cfg.input_shape)
+    measured = measure_file(str(onnx_path), device, Protocol())["latency_ms"]
+    noise = noise_floor_pct(noise_file)
+    tolerance_pct = noise if noise is not None else DEFAULT_NOISE_PCT
+    return {
+        "device": device.name, "space": space.name, "input_shape": list(cfg.input_shape),
+        "profile": prof.to_dict(),
+        "validation": val.to_dict(),
+        "pick": {"arch": str(arch), "macs_m": round(macs / 1e6, 2), "budget_ms": budget,
+                 "predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
+                 "error_pct": round((predicted / measured - 1) * 100, 2),
+                 "onnx": str(onnx_path), "onnx_max_rel_err_vs_torch": check.rel_err,
+                 "tolerance_pct": tolerance_pct,
+                 "keeps_budget": measured <= budget * (1 + tolerance_pct / 100)},
+        "seed": cfg.seed,
+    }

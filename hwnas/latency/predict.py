@@ -1,0 +1,140 @@
+"""Pricing candidates from a LUT: a sum of op latencies, corrected by a calibration.
+
+Ops are timed alone, so each carries one inference's fixed cost (the `run` call, binding the
+input, allocating the output) and runs with its weights and input hot in cache; inside a whole
+model the fixed cost is paid once, but every block starts from the cache state its neighbour
+left. Measured here on det20 @ 320: ops cost ~1.4× more inside a model than alone, and not the
+same for every kind (all-xception 2.97 → 3.98 ms, all-shuffle3 2.44 → 2.93 ms). So the
+calibration is ``latency ≈ intercept_ms + Σ_kind slope[kind] × Σ(ops of that kind)``, fitted by
+least squares on whole models measured with the same protocol (`fit_calibration`), with the
+space's uniform candidates (every layer the same choice) in the fit for leverage, and stored in
+the table's sidecar. Kinds present in every candidate alike (stem, head) have no slope of their
+own: they are constant and the intercept carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from hwnas.errors import UserError
+from hwnas.latency.table import LatencyTable, shape_text
+from hwnas.spaces.base import Arch, OpKey, SearchSpace, Shape
+
+CALIBRATION_WHAT = ("latency_ms = intercept_ms + sum over op kinds of slope[kind] * (sum of that "
+                    "kind's op latency_ms); kinds without a slope count with slope 1 (fixed ops "
+                    "such as stem and head, whose constant part the intercept absorbs). Least "
+                    "squares on whole candidates measured with the same protocol.")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    intercept_ms: float = 0.0
+    slopes: dict[str, float] = field(default_factory=dict)
+    archs: tuple[str, ...] = ()
+    measured_ms: tuple[float, ...] = ()
+    fitted_ms: tuple[float, ...] = ()
+
+    def slope(self, kind: str) -> float:
+        return self.slopes.get(kind, 1.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["what"] = CALIBRATION_WHAT
+        f, m = np.asarray(self.fitted_ms), np.asarray(self.measured_ms)
+        d["fit_max_abs_err_pct"] = float(np.max(np.abs(f / m - 1)) * 100) if len(m) else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Calibration":
+        if not d:
+            return cls()
+        return cls(float(d["intercept_ms"]), {k: float(v) for k, v in d["slopes"].items()},
+                   tuple(d["archs"]), tuple(d["measured_ms"]), tuple(d["fitted_ms"]))
+
+
+def kind_sums(space: SearchSpace, table: LatencyTable, arch: Arch, input_shape: Shape,
+              kinds: Sequence[str]) -> np.ndarray:
+    """Σ op latency per kind in `kinds` (the regressors), and everything else in the last slot."""
+    out = np.zeros(len(kinds) + 1)
+    for key in space.op_keys(arch, input_shape):
+        v = table.latency_ms(key)
+        out[kinds.index(key.kind) if key.kind in kinds else -1] += v
+    return out
+
+
+def fit_calibration(space: SearchSpace, table: LatencyTable, input_shape: Shape,
+                    archs: Sequence[Arch], measured_ms: Sequence[float]) -> Calibration:
+    """Least-squares intercept and per-kind slopes (the space's layer choices)."""
+    kinds = list(space.choice_names)
+    X = np.array([kind_sums(space, table, a, input_shape, kinds) for a in archs])
+    y = np.asarray(measured_ms, float)
+    if len(y) < len(kinds) + 2:
+        raise ValueError(f"calibration needs at least {len(kinds) + 2} candidates")
+    # fixed ops (last column) enter with slope 1; their constant rest is in the intercept
+    A = np.c_[np.ones(len(y)), X[:, :-1]]
+    coef, *_ = np.linalg.lstsq(A, y - X[:, -1], rcond=None)
+    fitted = A @ coef + X[:, -1]
+    return Calibration(float(coef[0]), {k: float(c) for k, c in zip(kinds, coef[1:])},
+                       tuple(str(a) for a in archs), tuple(map(float, y)),
+                       tuple(map(float, fitted)))
+
+
+class LutPredictor:
+    """Prices candidates of `space` at `input_shape` from `table`.
+
+    `predict` walks `space.op_keys` (the single source of truth); `predict_many` gathers from a
+    [layers, choices] matrix derived from the same walk (`SearchSpace.key_grid`) for speed.
+    """
+
+    def __init__(self, table: LatencyTable, space: SearchSpace, input_shape: Shape | None = None,
+                 calibrated: bool = True):
+        self.table, self.space = table, space
+        self.input_shape = tuple(input_shape or table.meta["input_shape"])
+        self.calibration = (Calibration.from_dict(table.meta.get("calibration")) if calibrated
+                            else Calibration())
+        fixed, grid = space.key_grid(self.input_shape)
+        self._fixed_keys, self._grid_keys = fixed, grid
+        cal = self.calibration
+        self.fixed_ms = sum(cal.slope(k.kind) * self._lookup_or_nan(k) for k in fixed)
+        # [layers, choices]: each op's calibrated contribution
+        self.grid_ms = np.array([[cal.slope(k.kind) * self._lookup_or_nan(k) for k in row]
+                                 for row in grid])
+
+    def _lookup_or_nan(self, key: OpKey) -> float:
+        v = self.table.latency_ms(key)
+        return np.nan if v is None else v
+
+    def missing_error(self, key: OpKey) -> UserError:
+        return UserError(
+            f"latency table {self.table.path} has no row for op {key}; measure it with "
+            f"`hwnas profile --device {self.table.device} --space {self.space.name} "
+            f"--input {shape_text(self.input_shape)}`")
+
+    def predict(self, arch: Arch) -> float:
+        """Predicted latency (ms) of one candidate, walking its op keys."""
+        total = self.calibration.intercept_ms
+        for key in self.space.op_keys(arch, self.input_shape):
+            v = self.table.latency_ms(key)
+            if v is None:
+                raise self.missing_error(key)
+            total += self.calibration.slope(key.kind) * v
+        return float(total)
+
+    def predict_many(self, archs: np.ndarray | Sequence[Arch]) -> np.ndarray:
+        """Predicted latencies (ms) of many candidates: `archs` is [N, layers] ints or Archs."""
+        a = (np.asarray([x.choices for x in archs], dtype=np.int64)
+             if len(archs) and isinstance(archs[0], Arch) else np.asarray(archs, dtype=np.int64))
+        total = (self.calibration.intercept_ms + self.fixed_ms
+                 + self.grid_ms[np.arange(a.shape[1]), a].sum(axis=1))
+        if np.isnan(total).any():
+            row = a[int(np.flatnonzero(np.isnan(total))[0])]
+            self.predict(Arch(self.space.name, tuple(int(c) for c in row)))  # raises, naming it
+        return total
+
+    def fastest_ms(self) -> float:
+        """The lowest latency any candidate can have (each layer at its fastest choice)."""
+        return float(self.calibration.intercept_ms + self.fixed_ms
+                     + np.nanmin(self.grid_ms, 1).sum())
