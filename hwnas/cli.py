@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from hwnas.errors import UserError
+from hwnas.measure import Protocol
 
 
 def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) -> None:
@@ -28,6 +29,18 @@ def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) ->
                        help="refuse a table measured on another machine instead of warning")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--span-s", type=float, default=None,
+                   help="protocol: least wall time each measurement's rounds cover "
+                   f"(default {Protocol.span_s}; shorter is faster and noisier)")
+
+
+def _protocol(args) -> Protocol:
+    span = getattr(args, "span_s", None)
+    if span is None:
+        return Protocol()
+    if not 0 <= span <= 600:
+        raise UserError(f"--span-s must be between 0 and 600 seconds, got {span}")
+    return Protocol(span_s=span)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="det20:00000000000000000000",
                    help="the candidate to time (default: a det20 model of ~3 ms here)")
     p.add_argument("--processes", type=int, default=6)
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the report (default: <tables>/<device>/noise.json)")
 
     p = sub.add_parser("validate", help="predicted vs measured on N held-out random candidates")
     _common(p)
@@ -88,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
     return ap
 
 
@@ -152,7 +168,7 @@ def cmd_profile(args) -> None:
 
     device, space = load_device(args.device), get_space(args.space)
     shape = _shape(args, space)
-    rep = profile(device, space, shape, args.tables or tables_dir(),
+    rep = profile(device, space, shape, args.tables or tables_dir(), _protocol(args),
                   calibration_n=args.calibration_n, seed=args.seed, progress=not args.quiet)
     rep.table.check_fingerprint(device, strict=args.strict)
     d = rep.to_dict()
@@ -191,7 +207,7 @@ def cmd_measure(args) -> None:
             space = get_space(args.space)
             arch = space.parse(args.arch)
             path = str(export_onnx(space.build(arch), _shape(args, space), Path(tmp) / "m.onnx"))
-        res = measure_file(path, device, naive=args.naive)
+        res = measure_file(path, device, _protocol(args), naive=args.naive)
     res.update({"device": device.name, "onnx": args.onnx, "arch": args.arch})
     _emit(args, res, [f"{args.onnx or args.arch}: {res['latency_ms']:.4f} ms on {device.name} "
                       f"({res['method']})"])
@@ -220,7 +236,7 @@ def cmd_noise(args) -> None:
     result = {"device": device.name, "arch": str(arch), "processes": n, "date": now_iso(),
               "fingerprint": device.fingerprint(), **reports,
               "noise_floor_pct": 100 * reports["protocol"]["cv"]}
-    out = (args.tables or tables_dir()) / device.name / "noise.json"
+    out = args.out or (args.tables or tables_dir()) / device.name / "noise.json"
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     lines = [f"noise floor on {device.name} ({arch}, {n} processes, between-process spread of "
              "the latency):"]
@@ -236,11 +252,12 @@ def cmd_validate(args) -> None:
     from hwnas.latency.table import shape_text
     from hwnas.latency.validate import validate
 
-    device, space, shape, pred = _predictor(args)
     _positive("--n", args.n)
+    device, space, shape, pred = _predictor(args)
     prefix = args.out or pred.table.path.parent / f"{space.name}_{shape_text(shape)}"
     rep = validate(pred, device, args.n, args.seed, prefix,
-                   noise_file=pred.table.path.parent / "noise.json", progress=not args.quiet)
+                   noise_file=pred.table.path.parent / "noise.json", protocol=_protocol(args),
+                   progress=not args.quiet)
     _emit(args, rep.to_dict(), rep.lines())
 
 
@@ -272,7 +289,7 @@ def cmd_demo(args) -> None:
     res = run_demo(DemoConfig(device=args.device, space=args.space,
                               input_shape=parse_shape(args.input), tables=args.tables,
                               out=args.out, budget_ms=args.budget_ms, seed=args.seed,
-                              progress=not args.quiet))
+                              protocol=_protocol(args), progress=not args.quiet))
     v, p = res["validation"], res["pick"]
     lines = [f"1. profile: {res['profile']['table']} ({res['profile']['rows']} ops, "
              f"{res['profile']['measured_ops']} measured now)",

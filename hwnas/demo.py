@@ -36,6 +36,7 @@ class DemoConfig:
     validate_n: int = 5
     sample_n: int = 20000
     seed: int = 0
+    protocol: Protocol = Protocol()
     progress: bool = True
 
 
@@ -77,20 +78,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     device, space = load_device(cfg.device), get_space(cfg.space)
     root = cfg.tables or tables_dir()
-    prof = profile(device, space, cfg.input_shape, root, progress=cfg.progress)
+    prof = profile(device, space, cfg.input_shape, root, cfg.protocol, progress=cfg.progress)
     table = prof.table
     table.check_fingerprint(device)
     predictor = LutPredictor(table, space, cfg.input_shape)
     noise_file = table.path.parent / "noise.json"
     out_prefix = cfg.out / f"{space.name}_{shape_text(cfg.input_shape)}"
     val = validate(predictor, device, cfg.validate_n, cfg.seed + 1000, out_prefix,
-                   noise_file=noise_file, progress=cfg.progress)
+                   noise_file=noise_file, protocol=cfg.protocol, progress=cfg.progress)
     arch, predicted, macs, budget = pick_most_macs(predictor, cfg.budget_ms, cfg.sample_n,
                                                    cfg.seed)
     model = space.build(arch)
     onnx_path = export_onnx(model, cfg.input_shape, cfg.out / f"{str(arch).replace(':', '_')}.onnx")
     check = check_export(model, onnx_path, cfg.input_shape)
-    measured = measure_file(str(onnx_path), device, Protocol())["latency_ms"]
+    measured = measure_file(str(onnx_path), device, cfg.protocol)["latency_ms"]
     noise = noise_floor_pct(noise_file)
     tolerance_pct = noise if noise is not None else DEFAULT_NOISE_PCT
     return {

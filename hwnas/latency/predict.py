@@ -59,7 +59,7 @@ def kind_sums(space: SearchSpace, table: LatencyTable, arch: Arch, input_shape: 
               kinds: Sequence[str]) -> np.ndarray:
     """Σ op latency per kind in `kinds` (the regressors), and everything else in the last slot."""
     out = np.zeros(len(kinds) + 1)
-    for key in space.op_keys(arch, input_shape):
+    for key in space.op_keys(arch, input_shape, table.precision):
         v = table.latency_ms(key)
         out[kinds.index(key.kind) if key.kind in kinds else -1] += v
     return out
@@ -95,7 +95,8 @@ class LutPredictor:
         self.input_shape = tuple(input_shape or table.meta["input_shape"])
         self.calibration = (Calibration.from_dict(table.meta.get("calibration")) if calibrated
                             else Calibration())
-        fixed, grid = space.key_grid(self.input_shape)
+        self.precision = table.precision
+        fixed, grid = space.key_grid(self.input_shape, self.precision)
         self._fixed_keys, self._grid_keys = fixed, grid
         cal = self.calibration
         self.fixed_ms = sum(cal.slope(k.kind) * self._lookup_or_nan(k) for k in fixed)
@@ -116,7 +117,7 @@ class LutPredictor:
     def predict(self, arch: Arch) -> float:
         """Predicted latency (ms) of one candidate, walking its op keys."""
         total = self.calibration.intercept_ms
-        for key in self.space.op_keys(arch, self.input_shape):
+        for key in self.space.op_keys(arch, self.input_shape, self.precision):
             v = self.table.latency_ms(key)
             if v is None:
                 raise self.missing_error(key)

@@ -32,11 +32,12 @@ from hwnas.spaces.base import Arch, SearchSpace, Shape
 
 def measure_labelled(labels: Sequence[str], export: Callable[[str, Path], Path], device: Device,
                      protocol: Protocol, journal: Path | None = None, desc: str = "measuring",
-                     progress: bool = True) -> dict[str, LatencyStats]:
+                     progress: bool = True) -> tuple[dict[str, LatencyStats], int]:
     """Export, compile and measure the items named `labels`, interleaved, resumably.
 
     `export(label, dir) -> onnx path` writes one item. With a `journal`, the rounds measured so
     far are saved after every round and reused when the same labels are measured again.
+    Returns the stats by label and how many rounds were taken over from the journal.
     """
     prior = None
     if journal is not None and journal.is_file():
@@ -68,7 +69,7 @@ def measure_labelled(labels: Sequence[str], export: Callable[[str, Path], Path],
 
         stats = measure_interleaved(runners, protocol, prior_rounds=prior, on_round=on_round)
     bar.close()
-    return dict(zip(labels, stats))
+    return dict(zip(labels, stats)), len(prior[0]) if prior else 0
 
 
 @dataclass
@@ -77,12 +78,13 @@ class ProfileReport:
     measured_ops: int
     reused_ops: int
     calibrated: bool
+    resumed_rounds: int = 0  # rounds taken over from an interrupted run's journal
 
     def to_dict(self) -> dict:
         cal = self.table.meta.get("calibration") or {}
         return {"table": str(self.table.path), "rows": len(self.table.rows),
                 "measured_ops": self.measured_ops, "reused_ops": self.reused_ops,
-                "calibrated_now": self.calibrated,
+                "calibrated_now": self.calibrated, "resumed_rounds": self.resumed_rounds,
                 "calibration": {k: cal.get(k) for k in ("intercept_ms", "slopes",
                                                         "fit_max_abs_err_pct")}}
 
@@ -111,7 +113,7 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         raise UserError(f"--calibration-n must be 0 (no calibration) or at least "
                         f"{len(space.choice_names) + 2} (an intercept and a slope per choice)")
     table = open_table(root, device, space, input_shape, protocol)
-    keys = {str(k): k for k in space.unique_op_keys(input_shape)}
+    keys = {str(k): k for k in space.unique_op_keys(input_shape, device.precision)}
     todo = [k for k in keys if k not in table.rows]
     if todo and table.rows:
         diffs = fingerprint_diff(table.meta["fingerprint"], device.fingerprint())
@@ -125,7 +127,7 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
             return export_onnx(space.build_op(key), key.in_shape, tmp / f"op{todo.index(label)}.onnx")
 
         journal = table.path.with_suffix(".partial.json")
-        stats = measure_labelled(todo, export_op, device, protocol, journal,
+        stats, resumed = measure_labelled(todo, export_op, device, protocol, journal,
                                  desc=f"profiling {len(todo)} ops of {space.name}",
                                  progress=progress)
         table.rows.update(stats)
@@ -134,11 +136,14 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
         table.save()
         journal.unlink(missing_ok=True)
+    else:
+        resumed = 0
     calibrated = False
     if table.meta.get("calibration") is None and calibration_n > 0:
-        calibrate(table, device, space, input_shape, protocol, calibration_n, seed, progress)
+        resumed += calibrate(table, device, space, input_shape, protocol, calibration_n, seed,
+                             progress)
         calibrated = True
-    return ProfileReport(table, len(todo), len(keys) - len(todo), calibrated)
+    return ProfileReport(table, len(todo), len(keys) - len(todo), calibrated, resumed)
 
 
 def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
@@ -155,8 +160,9 @@ def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
 
 
 def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_shape: Shape,
-              protocol: Protocol, n: int, seed: int, progress: bool = True) -> None:
-    """Measure `n` whole candidates and store the fitted calibration in the sidecar."""
+              protocol: Protocol, n: int, seed: int, progress: bool = True) -> int:
+    """Measure `n` whole candidates and store the fitted calibration in the sidecar.
+    Returns the rounds resumed from an interrupted calibration."""
     archs = calibration_archs(space, n, seed)
     labels = [str(a) for a in archs]
 
@@ -165,13 +171,14 @@ def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_sha
                            tmp / f"cand{labels.index(label)}.onnx")
 
     journal = table.path.with_suffix(".calibration.partial.json")
-    stats = measure_labelled(labels, export_model, device, protocol, journal,
-                             desc=f"calibrating on {n} candidates", progress=progress)
+    stats, resumed = measure_labelled(labels, export_model, device, protocol, journal,
+                                      desc=f"calibrating on {n} candidates", progress=progress)
     cal = fit_calibration(space, table, input_shape, archs, [stats[l].best_ms for l in labels])
     table.meta["calibration"] = cal.to_dict()
     table.meta["calibration_seed"] = seed
     table.save()
     journal.unlink(missing_ok=True)
+    return resumed
 
 
 def describe_table(table: LatencyTable) -> str:

@@ -77,6 +77,11 @@ class LatencyTable:
     def device(self) -> str:
         return self.meta["device"]
 
+    @property
+    def precision(self) -> str:
+        """The precision of the ops in this table (the device's)."""
+        return self.meta["fingerprint"].get("precision", "fp32")
+
     def latency_ms(self, key: OpKey | str) -> float | None:
         row = self.rows.get(str(key))
         return None if row is None else row.best_ms

@@ -96,7 +96,7 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
             return export_onnx(space.build(space.parse(label)), shape,
                                tmp / f"cand{chunk.index(label)}.onnx")
 
-        stats = measure_labelled(chunk, export_model, device, protocol, progress=False)
+        stats, _ = measure_labelled(chunk, export_model, device, protocol, progress=False)
         measured[start:start + len(chunk)] = [stats[l].best_ms for l in chunk]
         bar.update(len(chunk))
     bar.close()

@@ -150,7 +150,9 @@ class SearchSpace:
                                      for x, y, t in zip(a.choices, b.choices, take_a)))
 
     # ---- the shape-walk and what is built from it -----------------------------------------------
-    def op_keys(self, arch: Arch, input_shape: Shape | None = None) -> list[OpKey]:
+    def op_keys(self, arch: Arch, input_shape: Shape | None = None,
+                precision: str = "fp32") -> list[OpKey]:
+        """The ops of `arch` at `input_shape`, in execution order, each at `precision`."""
         raise NotImplementedError
 
     def build_op(self, key: OpKey) -> nn.Module:
@@ -160,14 +162,15 @@ class SearchSpace:
     def build(self, arch: Arch) -> nn.Module:
         raise NotImplementedError
 
-    def key_grid(self, input_shape: Shape | None = None) -> tuple[list[OpKey], list[list[OpKey]]]:
+    def key_grid(self, input_shape: Shape | None = None, precision: str = "fp32",
+                 ) -> tuple[list[OpKey], list[list[OpKey]]]:
         """(fixed keys, grid[layer][choice]) derived from `op_keys`, for vectorised pricing.
 
         Valid because in a single-path space each layer's shapes are fixed by its position; the
         derivation re-walks `op_keys` with every layer set to one choice, so it cannot disagree.
         """
         n = len(self.choice_names)
-        walks = [self.op_keys(Arch(self.name, (c,) * self.num_layers), input_shape)
+        walks = [self.op_keys(Arch(self.name, (c,) * self.num_layers), input_shape, precision)
                  for c in range(n)]
         # positions that do not change with the choice are fixed; the rest are layers, in order
         varying = [i for i in range(len(walks[0])) if len({str(w[i]) for w in walks}) > 1]
@@ -178,9 +181,10 @@ class SearchSpace:
         grid = [[walks[c][i] for c in range(n)] for i in varying]
         return fixed, grid
 
-    def unique_op_keys(self, input_shape: Shape | None = None) -> list[OpKey]:
+    def unique_op_keys(self, input_shape: Shape | None = None,
+                       precision: str = "fp32") -> list[OpKey]:
         """Every op key any candidate of the space can have, in walk order, without duplicates."""
-        fixed, grid = self.key_grid(input_shape)
+        fixed, grid = self.key_grid(input_shape, precision)
         seen: dict[str, OpKey] = {}
         for k in fixed[:1] + [k for row in grid for k in row] + fixed[1:]:
             seen.setdefault(str(k), k)

@@ -160,10 +160,11 @@ class ShuffleNetSpace(SearchSpace):
         self.stage_ends = tuple(sum(cfg.stage_repeats[:i + 1])
                                 for i in range(len(cfg.stage_repeats)))
 
-    def op_keys(self, arch: Arch, input_shape: Shape | None = None) -> list[OpKey]:
+    def op_keys(self, arch: Arch, input_shape: Shape | None = None,
+                precision: str = "fp32") -> list[OpKey]:
         """stem, one key per choice layer at its real input shape, head — in execution order."""
         n, c, h, w = input_shape or self.default_input
-        keys = [OpKey("stem", (n, c, h, w), self.stem_channels, 3, 2)]
+        keys = [OpKey("stem", (n, c, h, w), self.stem_channels, 3, 2, precision=precision)]
         # conv s2 pad 1 then max-pool s2 pad 1 (both k3): ceil-halving twice
         c, h, w = self.stem_channels, (h + 1) // 2, (w + 1) // 2
         h, w = (h + 1) // 2, (w + 1) // 2
@@ -172,11 +173,12 @@ class ShuffleNetSpace(SearchSpace):
             for r in range(repeats):
                 kind = self.choice_names[arch.choices[layer]]
                 stride = 2 if r == 0 else 1
-                keys.append(OpKey(kind, (n, c, h, w), out, _KERNEL[kind], stride))
+                keys.append(OpKey(kind, (n, c, h, w), out, _KERNEL[kind], stride,
+                                  precision=precision))
                 if stride == 2:
                     h, w = (h + 1) // 2, (w + 1) // 2
                 c, layer = out, layer + 1
-        keys.append(OpKey("head", (n, c, h, w), self.cfg.num_classes))
+        keys.append(OpKey("head", (n, c, h, w), self.cfg.num_classes, precision=precision))
         return keys
 
     def build_op(self, key: OpKey, affine: bool = True) -> nn.Module:

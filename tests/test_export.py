@@ -1,0 +1,61 @@
+import numpy as np
+import onnx
+import pytest
+
+from hwnas.errors import UserError
+from hwnas.export import check_export, export_onnx, layer_of_node, load_onnx, onnx_input_shape
+from hwnas.spaces import SPACES, get_space
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_candidate_export_matches_torch(name, tmp_path):
+    space = get_space(name)
+    arch = space.sample(np.random.default_rng(0))
+    model = space.build(arch)
+    # give BN non-trivial statistics so the check means something
+    g = np.random.default_rng(1)
+    for m in model.modules():
+        if hasattr(m, "running_var") and m.running_var is not None:
+            m.running_mean.copy_(__import__("torch").tensor(g.normal(0, .1, m.num_features)))
+            m.running_var.copy_(__import__("torch").tensor(g.uniform(.5, 2, m.num_features)))
+    shape = (1, 3, 64, 64)
+    path = export_onnx(model, shape, tmp_path / "m.onnx")
+    check = check_export(model, path, shape)
+    assert check.ok, check
+    assert onnx_input_shape(load_onnx(path)) == shape
+
+
+def test_single_block_export(tmp_path):
+    space = get_space("det20")
+    key = space.op_keys(space.arch([3] * 20), (1, 3, 64, 64))[5]
+    block = space.build_op(key)
+    path = export_onnx(block, key.in_shape, tmp_path / "b.onnx")
+    assert check_export(block, path, key.in_shape).ok
+
+
+def test_node_names_tie_back_to_layers(tmp_path):
+    space = get_space("tiny")
+    arch = space.arch([0, 3, 1, 2])
+    path = export_onnx(space.build(arch), space.default_input, tmp_path / "m.onnx")
+    parts = {layer_of_node(n.name) for n in onnx.load(path).graph.node if n.op_type == "Conv"}
+    assert parts == {"stem", "layer0", "layer1", "layer2", "layer3"}
+    assert layer_of_node("/head/fc/Gemm") == "head"
+    assert layer_of_node("Identity_3") is None
+
+
+def test_unreadable_onnx_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00not a model")
+    with pytest.raises(UserError, match="not a readable ONNX"):
+        load_onnx(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_export_replaces_atomically(tmp_path):
+    space = get_space("tiny")
+    path = tmp_path / "m.onnx"
+    path.write_text("old")
+    export_onnx(space.build(space.arch([0] * 4)), space.default_input, path)
+    assert load_onnx(path) is not None
+    assert not list(tmp_path.glob("*.tmp"))

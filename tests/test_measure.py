@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from hwnas.backends import compile_model
+from hwnas.export import export_onnx
+from hwnas.measure import LatencyStats, NoiseReport, Protocol, measure, measure_interleaved
+
+from conftest import FAST
+
+
+def test_stats_from_rounds():
+    s = LatencyStats.from_rounds([[1.0, 2.0, 3.0], [2.0, 2.0, 9.0], [0.5, 1.5, 1.6]])
+    assert s.best_ms == 1.5 and s.median_ms == 2.0  # round medians 2, 2, 1.5
+    assert s.n == 9 and s.p10_ms <= s.median_ms <= s.p90_ms
+    assert s.spread == pytest.approx(np.std([2, 2, 1.5]) / 2.0)
+    with pytest.raises(ValueError):
+        LatencyStats.from_rounds([])
+
+
+def test_rounds_cover_the_span():
+    p = Protocol(rounds=5, span_s=1.0)
+    assert p.rounds_for(10.0) == 100  # 1 s of 10 ms rounds
+    assert p.rounds_for(500.0) == 5   # never fewer than `rounds`
+
+
+def test_noise_report():
+    r = NoiseReport.from_values("protocol", [1.0, 1.02, 0.98])
+    assert r.range_rel == pytest.approx(0.04)
+    assert 0 < r.cv < 0.03
+
+
+@pytest.fixture
+def runners(tiny, device, tmp_path):
+    out = []
+    for i, c in enumerate((0, 3)):
+        p = export_onnx(tiny.build(tiny.arch([c] * 4)), tiny.default_input, tmp_path / f"{i}.onnx")
+        out.append(compile_model(p, device))
+    yield out
+    for r in out:
+        r.close()
+
+
+def test_interleaved_measurement_of_real_sessions(runners):
+    calls = []
+    stats = measure_interleaved(runners, FAST, on_round=lambda d, t, r: calls.append((d, t)))
+    assert len(stats) == 2
+    assert all(s.best_ms > 0 and s.n >= FAST.rounds * FAST.min_reps for s in stats)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_resume_measures_only_missing_rounds(runners):
+    prior = [[[1e-6, 1e-6]], [[2e-6, 2e-6]]]  # one round each, already recorded
+    calls = []
+    stats = measure_interleaved(runners, FAST, prior_rounds=prior,
+                                on_round=lambda d, t, r: calls.append(d))
+    assert calls == [2, 3]
+    assert stats[0].best_ms == 1e-6  # the recorded round is part of the result
+
+
+def test_runner_checks_inputs(runners):
+    r = runners[0]
+    with pytest.raises(ValueError, match="missing input"):
+        r.run({})
+    with pytest.raises(ValueError, match="shape"):
+        r.run({"input": np.zeros((1, 3, 8, 8), np.float32)})
+    out = r.run(r.random_feed())
+    assert out[0].shape == (1, 10)
+    assert measure(r, FAST).best_ms > 0

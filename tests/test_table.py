@@ -1,0 +1,80 @@
+import pytest
+
+from hwnas.errors import UserError
+from hwnas.latency import LatencyTable, table_path
+from hwnas.measure import LatencyStats
+
+
+def _path(root, tiny):
+    return table_path(root, "cpu-ort-fp32", tiny.name, tiny.default_input)
+
+
+def test_round_trip(tiny_tables, tiny, tmp_path):
+    t = LatencyTable.load(_path(tiny_tables, tiny))
+    assert len(t.rows) == len(tiny.unique_op_keys())
+    t.path = tmp_path / "copy.csv"
+    t.save()
+    t2 = LatencyTable.load(tmp_path / "copy.csv")
+    assert t2.rows.keys() == t.rows.keys()
+    for k in t.rows:
+        assert t2.rows[k].best_ms == pytest.approx(t.rows[k].best_ms, rel=1e-5)
+    assert t2.meta["fingerprint"] == t.meta["fingerprint"]
+
+
+def _damage(path, how):
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if how == "truncated":
+        return text[:-7]
+    if how == "garbage":
+        return "".join(lines[:2]) + "this,is,not,a,row\n" + "".join(lines[3:])
+    if how == "header":
+        return "a,b,c\n" + "".join(lines[1:])
+    if how == "duplicate":
+        return text + lines[1]
+    if how == "negative":
+        f = lines[1].split(",")
+        f[1] = "-1"
+        return "".join(lines[:1]) + ",".join(f) + "".join(lines[2:])
+    if how == "binary":
+        return "\udcff"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,match", [("truncated", "truncated"), ("garbage", "line 3"),
+                                       ("header", "line 1"), ("duplicate", "duplicate key"),
+                                       ("negative", "non-negative")])
+def test_damaged_tables_are_refused_and_left_alone(tables_copy, tiny, how, match):
+    path = _path(tables_copy, tiny)
+    damaged = _damage(path, how)
+    path.write_text(damaged)
+    with pytest.raises(UserError, match=match):
+        LatencyTable.load(path)
+    assert path.read_text() == damaged
+
+
+def test_missing_table_and_sidecar(tables_copy, tiny):
+    path = _path(tables_copy, tiny)
+    with pytest.raises(UserError, match="hwnas profile"):
+        LatencyTable.load(path.with_name("nope.csv"))
+    path.with_suffix(".json").write_text("{not json")
+    with pytest.raises(UserError, match="sidecar"):
+        LatencyTable.load(path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(UserError, match="no sidecar"):
+        LatencyTable.load(path)
+
+
+def test_fingerprint_mismatch_warns_or_refuses(tables_copy, tiny, device, capsys):
+    t = LatencyTable.load(_path(tables_copy, tiny))
+    assert t.check_fingerprint(device) == []
+    t.meta["fingerprint"]["cpu_model"] = "Some Other CPU"
+    diffs = t.check_fingerprint(device)
+    assert diffs and "another machine" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--strict"):
+        t.check_fingerprint(device, strict=True)
+
+
+def test_stats_fields_are_the_columns():
+    s = LatencyStats(1.0, 1.1, 0.9, 1.3, 1.1, 0.1, 10, 0.01)
+    assert s.best_ms == 1.0 and s.n == 10
