@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None,
                    help="prefix of the CSV and PNG (default: beside the table)")
+    p.add_argument("--explain", action="store_true",
+                   help="profile the worst candidates per node and show which layers carry "
+                   "their error (LUT price vs time inside the model)")
+    p.add_argument("--explain-top", type=int, default=3,
+                   help="how many of the worst candidates --explain profiles (default 3)")
+
+    p = sub.add_parser("compare", help="one model on several devices: output difference vs "
+                       "onnxruntime fp32, and latency")
+    p.add_argument("--devices", required=True, help="comma-separated device names")
+    p.add_argument("--onnx", default=None, help="an ONNX file (torch devices need --arch)")
+    p.add_argument("--space", default=None)
+    p.add_argument("--arch", default=None)
+    p.add_argument("--input", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
 
     p = sub.add_parser("export", help="a standalone candidate as ONNX")
     p.add_argument("--space", required=True)
@@ -157,7 +173,12 @@ def cmd_devices(args) -> None:
     lines += [f"{r['name']:<20} {r['backend']:<12} {r['precision']:<6} "
               f"{'yes' if r['available'] else 'no':<7} {r['why_not'] or r['description']}"
               for r in rows]
-    _emit(args, {"devices": rows}, lines)
+    from hwnas.devices import gpu_info
+
+    gpus = gpu_info()
+    lines.append("GPUs here: " + (", ".join(f"{g['name']} (driver {g['driver']})" for g in gpus)
+                                  or "none (nvidia-smi lists none)"))
+    _emit(args, {"devices": rows, "host_gpus": gpus}, lines)
 
 
 def cmd_profile(args) -> None:
@@ -221,6 +242,7 @@ def cmd_noise(args) -> None:
     from hwnas.spaces import get_space
 
     device = load_device(args.device)
+    _protocol(args)  # checks --span-s
     n = _positive("--processes", args.processes)
     if n < 2:
         raise UserError("--processes must be at least 2 to have a spread")
@@ -229,10 +251,12 @@ def cmd_noise(args) -> None:
     with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp:
         path = str(export_onnx(space.build(arch), space.default_input, Path(tmp) / "m.onnx"))
         reports = {}
-        for method, naive in (("protocol", False), ("naive_loop", True)):
+        for naive in (False, True):
             if not args.quiet:
-                print(f"timing {arch} in {n} fresh processes ({method})...", file=sys.stderr)
-            reports[method] = measure_noise(path, device.name, n, naive=naive).to_dict()
+                print(f"timing {arch} in {n} fresh processes "
+                      f"({'naive loop' if naive else 'protocol'})...", file=sys.stderr)
+            for rep in measure_noise(path, device.name, n, naive=naive, span_s=args.span_s):
+                reports[rep.method] = rep.to_dict()
     result = {"device": device.name, "arch": str(arch), "processes": n, "date": now_iso(),
               "fingerprint": device.fingerprint(), **reports,
               "noise_floor_pct": 100 * reports["protocol"]["cv"]}
@@ -240,9 +264,8 @@ def cmd_noise(args) -> None:
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     lines = [f"noise floor on {device.name} ({arch}, {n} processes, between-process spread of "
              "the latency):"]
-    for method in ("protocol", "naive_loop"):
-        r = reports[method]
-        lines.append(f"  {method:<11} CV {100 * r['cv']:.2f}%  range {100 * r['range_rel']:.2f}%"
+    for method, r in reports.items():
+        lines.append(f"  {method:<16} CV {100 * r['cv']:.2f}%  range {100 * r['range_rel']:.2f}%"
                      f"  values {r['medians_ms']}")
     lines.append(f"saved {out}")
     _emit(args, result, lines)
@@ -258,7 +281,48 @@ def cmd_validate(args) -> None:
     rep = validate(pred, device, args.n, args.seed, prefix,
                    noise_file=pred.table.path.parent / "noise.json", protocol=_protocol(args),
                    progress=not args.quiet)
-    _emit(args, rep.to_dict(), rep.lines())
+    d, lines = rep.to_dict(), rep.lines()
+    if args.explain:
+        from hwnas.latency import explain
+
+        _positive("--explain-top", args.explain_top)
+        exps = explain.explain_worst(pred, device, rep.csv, args.explain_top)
+        d["explain"] = [e.to_dict() for e in exps]
+        lines += [f"explain: the {len(exps)} worst candidates profiled per node on "
+                  f"{device.name}"] + explain.lines(exps)
+    _emit(args, d, lines)
+
+
+def cmd_compare(args) -> None:
+    from hwnas import compare as cmp
+    from hwnas.devices import load_device
+
+    names = [n.strip() for n in args.devices.split(",") if n.strip()]
+    if not names:
+        raise UserError("--devices needs at least one device name, e.g. cpu-ort-fp32,cpu-ort-int8")
+    devices = [load_device(n) for n in names]
+    protocol = _protocol(args)
+    if (args.onnx is None) == (args.arch is None):
+        raise UserError("give either --onnx F or --space S --arch A")
+    if args.onnx is not None:
+        from hwnas.export import load_onnx
+
+        load_onnx(args.onnx)  # a clear error for a missing or broken file
+        results, what = cmp.compare(args.onnx, devices, protocol, seed=args.seed), args.onnx
+    else:
+        from hwnas.spaces import get_space
+
+        if args.space is None:
+            raise UserError("--arch needs --space")
+        space = get_space(args.space)
+        arch = space.parse(args.arch)
+        results = cmp.compare_arch(space, arch, _shape(args, space), devices, protocol,
+                                   seed=args.seed)
+        what = str(arch)
+    _emit(args, {"model": what, "reference": "onnxruntime CPU fp32", "seed": args.seed,
+                 "tolerances": cmp.TOLERANCES, "devices": [r.to_dict() for r in results],
+                 "all_within_tolerance": all(r.within_tolerance for r in results)},
+          cmp.lines(results, what))
 
 
 def cmd_export(args) -> None:
@@ -307,6 +371,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"devices": cmd_devices, "profile": cmd_profile, "predict": cmd_predict,
             "measure": cmd_measure, "noise": cmd_noise, "validate": cmd_validate,
+            "compare": cmd_compare,
             "export": cmd_export, "demo": cmd_demo}
 
 

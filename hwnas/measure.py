@@ -4,8 +4,10 @@ Latency on a shared 2-core host is noisy. The protocol that makes a LUT worth tr
 
 1. **warm-up**: each item runs for `warmup_ms` (at least `min_warmup` runs) before anything is
    recorded; the warm-up also sets how many repetitions fill a round;
-2. **rounds, interleaved**: `rounds` rounds; in each, every item runs `reps` times back to back,
-   items in turn (so a slow drift of the machine touches every item alike, not the last one);
+2. **rounds, interleaved**: `rounds` rounds; in each, every item runs `round_warmup` untimed
+   times and then `reps` timed times back to back, items in turn (so a slow drift of the machine
+   touches every item alike, not the last one; the untimed runs make each round measure the
+   warm, back-to-back latency a deployed model sees, whatever ran before it);
 3. **robust statistics**: each round's median (immune to single-run spikes), then the *lowest*
    round median, `best_ms`, as the estimate of the device's latency; the median of the round
    medians (`median_ms`) and the relative standard deviation of the round medians (`spread`) are
@@ -44,7 +46,9 @@ class Protocol:
     min_warmup: int = 5
     rounds: int = 20  # at least this many rounds...
     span_s: float = 5.0  # ...and enough more that the rounds cover this much wall time
-    round_ms: float = 10.0  # target time per item per round: short rounds, many of them
+    round_ms: float = 25.0  # target time per item per round (timed runs)
+    round_warmup: int = 4  # untimed runs that start each item's round: switching items leaves
+    # the caches cold, and a latency must not depend on what it was interleaved with
     min_reps: int = 3
     max_reps: int = 2000
     max_rounds: int = 2000
@@ -142,12 +146,15 @@ def measure_interleaved(runners: Sequence[Runner], protocol: Protocol = Protocol
     try:
         for item in items:
             _warm_up(item, protocol)
-        rounds = protocol.rounds_for(sum(i.reps * i.typical_ms for i in items))
+        rounds = protocol.rounds_for(sum((i.reps + protocol.round_warmup) * i.typical_ms
+                                         for i in items))
         if prior_rounds is not None:  # a resumed run keeps the plan it started with
             rounds = max(rounds, max(len(i.rounds) for i in items))
         done = min((len(i.rounds) for i in items), default=0)
         for r in range(done, rounds):
             for item in items:
+                for _ in range(protocol.round_warmup):
+                    item.runner._run(item.feed)
                 item.rounds.append(_time_runs(item.runner, item.feed, item.reps))
             if on_round is not None:
                 on_round(r + 1, rounds, [i.rounds for i in items])
@@ -191,17 +198,24 @@ class NoiseReport:
 
 
 def measure_noise(onnx_path: str, device_name: str, processes: int = 5, naive: bool = False,
-                  progress: Callable[[int], None] | None = None) -> NoiseReport:
-    """Run `hwnas measure` on `onnx_path` in `processes` fresh processes, one after another."""
+                  span_s: float | None = None) -> list[NoiseReport]:
+    """Run `hwnas measure` on `onnx_path` in `processes` fresh processes, one after another.
+
+    With the protocol, two reports from the same runs: its latency (`best_ms`) and, for
+    comparison, the median of round medians; with `naive`, the naive loop's.
+    """
     values = []
-    for i in range(processes):
+    for _ in range(processes):
         cmd = [sys.executable, "-m", "hwnas", "measure", "--device", device_name,
                "--onnx", onnx_path, "--json"] + (["--naive"] if naive else [])
+        if span_s is not None:
+            cmd += ["--span-s", str(span_s)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        values.append(json.loads(out.stdout)["latency_ms"])
-        if progress:
-            progress(i + 1)
-    return NoiseReport.from_values("naive-loop" if naive else "protocol", values)
+        values.append(json.loads(out.stdout))
+    if naive:
+        return [NoiseReport.from_values("naive_loop", [v["latency_ms"] for v in values])]
+    return [NoiseReport.from_values("protocol", [v["best_ms"] for v in values]),
+            NoiseReport.from_values("median_of_rounds", [v["median_ms"] for v in values])]
 
 
 def measure_file(onnx_path: str, device, protocol: Protocol = Protocol(),

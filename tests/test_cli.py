@@ -143,3 +143,12 @@ def test_infeasible_budget(tables_copy, tmp_path):
     assert_user_error(run_cli("demo", "--space", "tiny", "--input", "1x3x32x32", "--tables",
                               tables_copy, "--out", tmp_path / "d", "--span-s", "0", "--quiet",
                               "--budget-ms", "0.0001"), "infeasible", "fastest")
+
+
+def test_noise_report(tmp_path):
+    out = tmp_path / "noise.json"
+    d = json.loads(run_cli("noise", *DEV, "--arch", "tiny:0000", "--processes", "2", "--span-s",
+                           "0", "--out", out, "--json", "--quiet", check_rc=0).stdout)
+    assert set(d) >= {"protocol", "median_of_rounds", "naive_loop", "noise_floor_pct"}
+    assert len(d["protocol"]["medians_ms"]) == 2
+    assert json.loads(out.read_text())["noise_floor_pct"] == d["noise_floor_pct"]
