@@ -6,10 +6,13 @@ defaults are the configuration; the TOML only overrides them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -57,18 +60,24 @@ class Device:
             "threads": self.threads,
             "options": self.options,
             "packages": package_versions(),
+            "gpus": gpu_info(),
+            "uses_gpu": uses_gpu(self),
+            **backend_fingerprint(self),
         }
 
 
 # the fields whose difference makes a stored latency untrustworthy here
 FINGERPRINT_MUST_MATCH = ("cpu_model", "cpu_isa", "logical_cores", "machine", "backend",
-                          "precision", "threads", "options")
+                          "precision", "threads", "options", "compiler")
 
 
 def fingerprint_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences in the fields that matter (and the backend's version)."""
     diffs = [f"{k}: {stored.get(k)!r} → {current.get(k)!r}" for k in FINGERPRINT_MUST_MATCH
              if stored.get(k) != current.get(k)]
+    # a GPU device's latency belongs to its GPU and driver; a CPU device ignores what GPUs exist
+    if current.get("uses_gpu") and stored.get("gpus") != current.get("gpus"):
+        diffs.append(f"gpus: {stored.get('gpus')!r} → {current.get('gpus')!r}")
     backend_pkg = {"onnxruntime": "onnxruntime", "tvm": "apache-tvm",
                    "tensorrt": "tensorrt", "torch": "torch"}.get(current.get("backend", ""))
     if backend_pkg:
@@ -103,6 +112,53 @@ def cpu_isa() -> list[str]:
     except OSError:
         pass
     return []
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_info() -> tuple[tuple[tuple[str, str], ...], ...]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total,compute_cap",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 4:
+            gpus.append(tuple(zip(("name", "driver", "memory", "compute_cap"), parts)))
+    return tuple(gpus)
+
+
+def gpu_info() -> list[dict[str, str]]:
+    """NVIDIA GPUs on this host (name, driver, memory, compute capability) from nvidia-smi;
+    empty where there is none. Read once per process (nvidia-smi takes ~0.1 s)."""
+    return [dict(g) for g in _gpu_info()]
+
+
+def uses_gpu(device: "Device") -> bool:
+    """Whether `device` runs on a GPU (its fingerprint then must match the GPU too)."""
+    o = device.options
+    gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    return (device.backend == "tensorrt" or o.get("device") == "cuda"
+            or bool(gpu_providers & set(o.get("providers", [])))
+            or str(o.get("target", "")).startswith("cuda"))
+
+
+def backend_fingerprint(device: "Device") -> dict[str, Any]:
+    """{"compiler": …} from the backend module's optional `fingerprint(device)` (TVM: LLVM target
+    and CPU name, tuning budget and database id); {} for backends without one, so tables of
+    those keep their fingerprint unchanged."""
+    import importlib
+
+    from hwnas.backends import BACKENDS  # here, not at the top: hwnas.backends imports this
+
+    fn = getattr(importlib.import_module(BACKENDS[device.backend]), "fingerprint", None) \
+        if device.backend in BACKENDS else None
+    return {"compiler": fn(device)} if fn else {}
 
 
 def package_versions() -> dict[str, str]:
