@@ -138,6 +138,8 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         journal.unlink(missing_ok=True)
     else:
         resumed = 0
+        # a run killed between saving its rows and removing its journal leaves one behind
+        table.path.with_suffix(".partial.json").unlink(missing_ok=True)
     calibrated = False
     if table.meta.get("calibration") is None and calibration_n > 0:
         resumed += calibrate(table, device, space, input_shape, protocol, calibration_n, seed,
@@ -149,14 +151,10 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
 def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
     """The uniform candidates (every layer one choice: the extremes give the fit leverage),
     then seeded random ones up to `n`."""
-    rng = np.random.default_rng(seed)
-    out: dict[Arch, None] = {space.arch([c] * space.num_layers): None
-                             for c in range(len(space.choice_names))}
-    for _ in range(100 * n):
-        if len(out) == n:
-            break
-        out.setdefault(space.sample(rng))
-    return list(out)
+    uniform = [space.arch([c] * space.num_layers) for c in range(len(space.choice_names))]
+    rest = space.sample_distinct(n - len(uniform), np.random.default_rng(seed),
+                                 exclude={str(a) for a in uniform})
+    return uniform + rest
 
 
 def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_shape: Shape,

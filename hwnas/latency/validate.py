@@ -60,18 +60,6 @@ class ValidationReport:
                 f"  rows: {self.csv}   plot: {self.plot}"]
 
 
-def heldout_archs(space: SearchSpace, n: int, seed: int, exclude: set[str]) -> list[Arch]:
-    rng = np.random.default_rng(seed)
-    out: dict[Arch, None] = {}
-    for _ in range(100 * n):
-        if len(out) == n:
-            break
-        a = space.sample(rng)
-        if str(a) not in exclude:
-            out.setdefault(a)
-    return list(out)
-
-
 def noise_floor_pct(noise_file: Path) -> float | None:
     try:
         return 100 * json.loads(noise_file.read_text())["protocol"]["cv"]
@@ -84,7 +72,7 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
              progress: bool = True) -> ValidationReport:
     """Measure `n` held-out candidates; write ``<out_prefix>.validation.{csv,png}``."""
     space, shape = predictor.space, predictor.input_shape
-    archs = heldout_archs(space, n, seed, set(predictor.calibration.archs))
+    archs = space.sample_distinct(n, np.random.default_rng(seed), set(predictor.calibration.archs))
     predicted = predictor.predict_many(archs)
     measured = np.zeros(len(archs))
     bar = tqdm(total=len(archs), desc="validating", unit="cand", disable=not progress,

@@ -130,6 +130,18 @@ class SearchSpace:
         return Arch(self.name, tuple(int(c) for c in
                                      rng.integers(0, len(self.choice_names), self.num_layers)))
 
+    def sample_distinct(self, n: int, rng: np.random.Generator,
+                        exclude: "set[str] | frozenset[str]" = frozenset()) -> list[Arch]:
+        """Up to `n` distinct uniform archs whose text is not in `exclude` (bounded tries)."""
+        out: dict[Arch, None] = {}
+        for _ in range(100 * n):
+            if len(out) >= n:
+                break
+            a = self.sample(rng)
+            if str(a) not in exclude:
+                out.setdefault(a)
+        return list(out)
+
     def sample_many(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """`n` uniform archs as an int array [n, num_layers] (the vectorised form)."""
         return rng.integers(0, len(self.choice_names), (n, self.num_layers), dtype=np.int64)
