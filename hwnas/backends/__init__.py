@@ -7,6 +7,7 @@ a device asks for it, and then says plainly what to install.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +15,9 @@ from hwnas.backends.base import Runner, TensorSpec
 from hwnas.devices import Device
 from hwnas.errors import UserError
 
-BACKENDS = {"onnxruntime": "hwnas.backends.ort"}
+BACKENDS = {"onnxruntime": "hwnas.backends.ort", "tensorrt": "hwnas.backends.trt",
+            "torch": "hwnas.backends.torch_backend",
+            "tvm": "hwnas.backends.tvm"}
 
 
 def get_backend(name: str) -> ModuleType:
@@ -24,15 +27,28 @@ def get_backend(name: str) -> ModuleType:
 
 
 def backend_available(device: Device) -> tuple[bool, str]:
+    """(usable here, why not). A backend's `available(device)` also checks what that device
+    needs (a GPU, an execution provider, a tuning database); one whose `available()` takes no
+    device only reports whether its package imports."""
     try:
-        return get_backend(device.backend).available()
+        fn = get_backend(device.backend).available
+        if inspect.signature(fn).parameters:
+            return fn(device)
+        return fn()
     except UserError as e:
         return False, str(e)
 
 
-def compile_model(onnx_path: str | Path, device: Device) -> Runner:
-    """Compile `onnx_path` for `device` with its backend; the Runner is a context manager."""
-    return get_backend(device.backend).compile(onnx_path, device)
+def compile_model(onnx_path: str | Path, device: Device, module=None) -> Runner:
+    """Compile `onnx_path` for `device` with its backend; the Runner is a context manager.
+
+    `module` (the torch module the ONNX file was exported from) is passed to backends that run
+    torch modules rather than ONNX (the torch backend); the others ignore it.
+    """
+    backend = get_backend(device.backend)
+    if "module" in inspect.signature(backend.compile).parameters:
+        return backend.compile(onnx_path, device, module=module)
+    return backend.compile(onnx_path, device)
 
 
 __all__ = ["BACKENDS", "Runner", "TensorSpec", "get_backend", "backend_available",

@@ -2,6 +2,8 @@
 
 Device options: ``graph_optimization`` (disable/basic/extended/all), ``providers`` (a list),
 ``profile_nodes`` (bool: keep onnxruntime's per-node trace for `Runner.node_profile`).
+A device with ``precision = "int8"`` is quantised at compile time (static QDQ; its options are
+described in `hwnas.backends.ort_quant`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hwnas.backends.base import Runner, TensorSpec
-from hwnas.devices import Device
+from hwnas.devices import Device, gpu_info
 from hwnas.errors import UserError
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -22,11 +24,25 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
            "tensor(int8)": np.int8}
 
 
-def available() -> tuple[bool, str]:
+def available(device: Device | None = None) -> tuple[bool, str]:
+    """Whether onnxruntime is importable and, given a device, has the providers it names."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime as ort
     except ImportError:
         return False, "onnxruntime is not installed (pip install onnxruntime)"
+    if device is not None:
+        have = ort.get_available_providers()
+        missing = [p for p in device.options.get("providers", ["CPUExecutionProvider"])
+                   if p not in have]
+        if missing:
+            return False, (f"onnxruntime here lacks {', '.join(missing)} (has {', '.join(have)});"
+                           " install onnxruntime-gpu on a machine with an NVIDIA GPU")
+        if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(
+                device.options.get("providers", [])) and not gpu_info():
+            return False, "no NVIDIA GPU found (nvidia-smi lists none)"
+        if device.precision not in ("fp32", "int8"):
+            return False, (f"the onnxruntime backend runs fp32 or int8 models, not "
+                           f"{device.precision!r}")
     return True, ""
 
 
@@ -95,7 +111,21 @@ class OrtRunner(Runner):
 
 
 def compile(onnx_path: str | Path, device: Device) -> OrtRunner:  # noqa: A001 (the Backend verb)
-    ok, why = available()
+    ok, why = available(device)
     if not ok:
-        raise UserError(f"device {device.name} needs onnxruntime: {why}")
+        raise UserError(f"device {device.name} cannot use onnxruntime here: {why}")
+    if device.precision == "int8":
+        # static QDQ quantisation at compile time (hwnas/backends/ort_quant.py); onnxruntime
+        # reads the file when the session is made, so the temporary copy can go right after
+        from hwnas.backends.ort_quant import quantize_file
+
+        with tempfile.TemporaryDirectory(prefix="hwnas-int8-") as tmp:
+            try:
+                qpath = quantize_file(onnx_path, Path(tmp) / "int8.onnx", device)
+            except UserError:
+                # the quantiser's own message is vague ("incomplete shape inference"); when
+                # onnxruntime cannot run the fp32 model at all, its error names the op
+                OrtRunner(onnx_path, device).close()
+                raise
+            return OrtRunner(qpath, device)
     return OrtRunner(onnx_path, device)
