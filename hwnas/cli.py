@@ -218,7 +218,7 @@ def cmd_measure(args) -> None:
     if (args.onnx is None) == (args.arch is None):
         raise UserError("give either --onnx F or --space S --arch A")
     with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp:
-        path = args.onnx
+        path, module = args.onnx, None
         if path is None:
             from hwnas.export import export_onnx
             from hwnas.spaces import get_space
@@ -227,8 +227,9 @@ def cmd_measure(args) -> None:
                 raise UserError("--arch needs --space")
             space = get_space(args.space)
             arch = space.parse(args.arch)
-            path = str(export_onnx(space.build(arch), _shape(args, space), Path(tmp) / "m.onnx"))
-        res = measure_file(path, device, _protocol(args), naive=args.naive)
+            module = space.build(arch)
+            path = str(export_onnx(module, _shape(args, space), Path(tmp) / "m.onnx"))
+        res = measure_file(path, device, _protocol(args), naive=args.naive, module=module)
     res.update({"device": device.name, "onnx": args.onnx, "arch": args.arch})
     _emit(args, res, [f"{args.onnx or args.arch}: {res['latency_ms']:.4f} ms on {device.name} "
                       f"({res['method']})"])
