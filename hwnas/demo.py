@@ -91,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     model = space.build(arch)
     onnx_path = export_onnx(model, cfg.input_shape, cfg.out / f"{str(arch).replace(':', '_')}.onnx")
     check = check_export(model, onnx_path, cfg.input_shape)
-    measured = measure_file(str(onnx_path), device, cfg.protocol)["latency_ms"]
+    measured = measure_file(str(onnx_path), device, cfg.protocol, module=model)["latency_ms"]
     noise = noise_floor_pct(noise_file)
     tolerance_pct = noise if noise is not None else DEFAULT_NOISE_PCT
     return {

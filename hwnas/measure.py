@@ -219,13 +219,14 @@ def measure_noise(onnx_path: str, device_name: str, processes: int = 5, naive: b
 
 
 def measure_file(onnx_path: str, device, protocol: Protocol = Protocol(),
-                 naive: bool = False) -> dict:
-    """Compile an ONNX file for `device` and measure it: the body of `hwnas measure`."""
+                 naive: bool = False, module=None) -> dict:
+    """Compile an ONNX file for `device` and measure it: the body of `hwnas measure`.
+    `module` is the torch module it was exported from, for backends that run torch."""
     from hwnas.backends import compile_model
     from hwnas.export import load_onnx
 
     load_onnx(onnx_path)  # a clear error for a file that is not ONNX
-    with compile_model(onnx_path, device) as runner:
+    with compile_model(onnx_path, device, module=module) as runner:
         if naive:
             return {"latency_ms": naive_loop_ms(runner), "method": "naive-loop"}
         stats = measure(runner, protocol)

@@ -79,3 +79,24 @@ def test_cuda_devices_match_cpu(model_and_onnx, name, tol):
     with compile_model(path, load_device(name), module=m) as r:
         out = r.run({"input": x})[0]
     assert np.abs(out - ref).max() / np.abs(ref).max() < tol
+
+
+def test_torch_device_through_measure_and_profile(tmp_path):
+    """The pipeline hands torch devices the module it exported (not just the ONNX file)."""
+    import json
+
+    from conftest import FAST, run_cli
+    from hwnas.devices import load_device
+    from hwnas.latency import LatencyTable, LutPredictor
+    from hwnas.latency.profile import profile
+    from hwnas.spaces import get_space
+
+    d = json.loads(run_cli("measure", "--device", "cpu-torch-eager", "--space", "tiny", "--arch",
+                           "tiny:0123", "--span-s", "0", "--json", check_rc=0).stdout)
+    assert d["latency_ms"] > 0
+    space, device = get_space("tiny"), load_device("cpu-torch-eager")
+    rep = profile(device, space, space.default_input, tmp_path, FAST, calibration_n=6,
+                  progress=False)
+    assert rep.measured_ops == len(space.unique_op_keys())
+    pred = LutPredictor(LatencyTable.load(rep.table.path), space)
+    assert pred.predict(space.arch([0, 1, 2, 3])) > 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from torch import nn
 from tqdm import tqdm
 
 from hwnas.backends import Runner, compile_model
@@ -30,13 +31,16 @@ from hwnas.measure import LatencyStats, Protocol, measure_interleaved
 from hwnas.spaces.base import Arch, SearchSpace, Shape
 
 
-def measure_labelled(labels: Sequence[str], export: Callable[[str, Path], Path], device: Device,
-                     protocol: Protocol, journal: Path | None = None, desc: str = "measuring",
-                     progress: bool = True) -> tuple[dict[str, LatencyStats], int]:
+def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Module, Shape]],
+                     device: Device, protocol: Protocol, journal: Path | None = None,
+                     desc: str = "measuring", progress: bool = True,
+                     ) -> tuple[dict[str, LatencyStats], int]:
     """Export, compile and measure the items named `labels`, interleaved, resumably.
 
-    `export(label, dir) -> onnx path` writes one item. With a `journal`, the rounds measured so
-    far are saved after every round and reused when the same labels are measured again.
+    `build(label) -> (module, input shape)` makes one item; it is exported with `export_onnx`
+    and compiled for `device` (backends that run torch modules get the module too). With a
+    `journal`, the rounds measured so far are saved after every round and reused when the same
+    labels are measured again.
     Returns the stats by label and how many rounds were taken over from the journal.
     """
     prior = None
@@ -54,7 +58,9 @@ def measure_labelled(labels: Sequence[str], export: Callable[[str, Path], Path],
         runners: list[Runner] = []
         for i, label in enumerate(labels):
             bar.set_postfix_str(f"compiling {i + 1}/{len(labels)}")
-            runners.append(stack.enter_context(compile_model(export(label, Path(tmp)), device)))
+            module, shape = build(label)
+            path = export_onnx(module, shape, Path(tmp) / f"item{i}.onnx")
+            runners.append(stack.enter_context(compile_model(path, device, module=module)))
         bar.set_postfix_str("")
 
         def on_round(done: int, total: int, rounds) -> None:
@@ -122,12 +128,9 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
                             f"({'; '.join(diffs)}); adding rows here would mix machines: pass "
                             "--tables DIR to build a separate table")
     if todo:
-        def export_op(label: str, tmp: Path) -> Path:
-            key = keys[label]
-            return export_onnx(space.build_op(key), key.in_shape, tmp / f"op{todo.index(label)}.onnx")
-
         journal = table.path.with_suffix(".partial.json")
-        stats, resumed = measure_labelled(todo, export_op, device, protocol, journal,
+        stats, resumed = measure_labelled(todo, lambda k: (space.build_op(keys[k]), keys[k].in_shape),
+                                          device, protocol, journal,
                                  desc=f"profiling {len(todo)} ops of {space.name}",
                                  progress=progress)
         table.rows.update(stats)
@@ -148,6 +151,11 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
     return ProfileReport(table, len(todo), len(keys) - len(todo), calibrated, resumed)
 
 
+def candidate_builder(space: SearchSpace, input_shape: Shape):
+    """`build` for `measure_labelled` when the labels are arch strings of `space`."""
+    return lambda label: (space.build(space.parse(label)), input_shape)
+
+
 def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
     """The uniform candidates (every layer one choice: the extremes give the fit leverage),
     then seeded random ones up to `n`."""
@@ -163,13 +171,9 @@ def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_sha
     Returns the rounds resumed from an interrupted calibration."""
     archs = calibration_archs(space, n, seed)
     labels = [str(a) for a in archs]
-
-    def export_model(label: str, tmp: Path) -> Path:
-        return export_onnx(space.build(space.parse(label)), input_shape,
-                           tmp / f"cand{labels.index(label)}.onnx")
-
     journal = table.path.with_suffix(".calibration.partial.json")
-    stats, resumed = measure_labelled(labels, export_model, device, protocol, journal,
+    stats, resumed = measure_labelled(labels, candidate_builder(space, input_shape), device,
+                                      protocol, journal,
                                       desc=f"calibrating on {n} candidates", progress=progress)
     cal = fit_calibration(space, table, input_shape, archs, [stats[l].best_ms for l in labels])
     table.meta["calibration"] = cal.to_dict()

@@ -18,9 +18,8 @@ from scipy import stats as sstats
 from tqdm import tqdm
 
 from hwnas.devices import Device
-from hwnas.export import export_onnx
 from hwnas.latency.predict import LutPredictor
-from hwnas.latency.profile import measure_labelled
+from hwnas.latency.profile import candidate_builder, measure_labelled
 from hwnas.latency.table import atomic_write_text, shape_text
 from hwnas.measure import Protocol
 from hwnas.spaces.base import Arch, SearchSpace
@@ -79,12 +78,8 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
                dynamic_ncols=True)
     for start in range(0, len(archs), group):
         chunk = [str(a) for a in archs[start:start + group]]
-
-        def export_model(label: str, tmp: Path) -> Path:
-            return export_onnx(space.build(space.parse(label)), shape,
-                               tmp / f"cand{chunk.index(label)}.onnx")
-
-        stats, _ = measure_labelled(chunk, export_model, device, protocol, progress=False)
+        stats, _ = measure_labelled(chunk, candidate_builder(space, shape), device, protocol,
+                                    progress=False)
         measured[start:start + len(chunk)] = [stats[l].best_ms for l in chunk]
         bar.update(len(chunk))
     bar.close()
