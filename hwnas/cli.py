@@ -120,7 +120,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
+    _add_search_parsers(sub)
     return ap
+
+
+def _add_search_parsers(sub) -> None:
+    """`hwnas supernet train` and `hwnas search` (issue 4)."""
+    p = sub.add_parser("supernet", help="train a weight-sharing supernet on proxy data")
+    ssub = p.add_subparsers(dest="supernet_cmd", required=True)
+    t = ssub.add_parser("train", help="SPOS training (uniform single path per step), resumable")
+    t.add_argument("--space", default="det20-w0.25",
+                   help="space and width (default det20-w0.25: det20's choices at 1/4 width)")
+    t.add_argument("--data", default="shapes", help="'shapes' (built-in, offline) or a folder "
+                   "with one sub-folder of images per class")
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-o", "--output", type=Path, required=True,
+                   help="checkpoint file; an existing one of the same space is resumed")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("search", help="a latency-budgeted search scored by a supernet")
+    _common(p)
+    p.add_argument("--budget-ms", type=float, required=True)
+    p.add_argument("--method", choices=["evolution", "pcnas", "random"], default="evolution")
+    p.add_argument("--supernet", type=Path, required=True, help="checkpoint from "
+                   "`hwnas supernet train`")
+    p.add_argument("--evaluations", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-n", type=int, default=None,
+                   help="held-out images per score (default: the whole search-validation split)")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="prefix of the result files (default hwnas-search/<space>_<method>_"
+                   "<budget>ms_s<seed>); an unfinished search there is resumed")
+    p.add_argument("--verify", action="store_true",
+                   help="export the pick and measure it on the device against the budget")
 
 
 def _positive(name: str, v: int) -> int:
@@ -374,6 +412,49 @@ COMMANDS = {"devices": cmd_devices, "profile": cmd_profile, "predict": cmd_predi
             "measure": cmd_measure, "noise": cmd_noise, "validate": cmd_validate,
             "compare": cmd_compare,
             "export": cmd_export, "demo": cmd_demo}
+
+
+def cmd_supernet(args) -> None:
+    from hwnas.train import SupernetTrainer, TrainConfig
+
+    cfg = TrainConfig(space=args.space, data=args.data, image_size=args.image_size,
+                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, ckpt_every=args.ckpt_every)
+    if not 16 <= cfg.image_size <= 512:
+        raise UserError(f"--image-size must be between 16 and 512, got {cfg.image_size}")
+    res = SupernetTrainer(cfg, args.output, progress=not args.quiet).run()
+    _emit(args, res, [f"{res['checkpoint']}: {res['space']} trained to step {res['step']} "
+                      f"(resumed from {res['resumed_from']}; loss {res['loss_ema']:.3f}) on "
+                      f"{res['data']}"])
+
+
+def cmd_search(args) -> None:
+    from hwnas.search.run import SearchConfig, run_search
+    from hwnas.spaces import get_space
+
+    space = get_space(args.space)
+    res = run_search(SearchConfig(
+        device=args.device, space=args.space, budget_ms=args.budget_ms, method=args.method,
+        supernet=args.supernet, evaluations=_positive("--evaluations", args.evaluations),
+        seed=args.seed, input_shape=_shape(args, space), tables=args.tables, out=args.out,
+        verify=args.verify, strict=args.strict, val_n=args.val_n, progress=not args.quiet,
+        protocol=_protocol(args)))
+    lines = [f"{res.method} under {res.budget_ms:g} ms ({res.evaluations} evaluations, seed "
+             f"{res.seed}): {res.best_arch}",
+             f"  predicted {res.predicted_latency_ms:.3f} ms, supernet score "
+             f"{100 * res.score:.1f}%  ({res.context['mapping']})",
+             f"  saved {res.context['json']} and {res.context['plot']}"]
+    if res.verify:
+        v = res.verify
+        lines.append(f"  verify: measured {v['measured_ms']:.3f} ms vs predicted "
+                     f"{v['predicted_ms']:.3f} ms ({v['error_pct']:+.2f}%) vs budget "
+                     f"{v['budget_ms']:g} ms: {'KEPT' if v['keeps_budget'] else 'MISSED'}")
+    out = res.to_dict()
+    out.pop("evaluated")  # the JSON file has them; stdout stays one readable object
+    _emit(args, out, lines)
+
+
+COMMANDS.update({"supernet": cmd_supernet, "search": cmd_search})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,117 @@
+"""`hwnas search`: the LUT of the deployment space prices, the supernet of a proxy-width copy of
+it scores, one of the searches picks; optionally the pick is exported and measured (`--verify`).
+
+The mapping between the two spaces is explicit: the search runs over the LUT's space (det20 at
+1×3×320×320), and the accuracy model scores each candidate on the supernet's space (det20-w0.25
+at 64×64 on the proxy data) with the same choice digits (`hwnas.train.supernet.proxy_arch`),
+which is refused unless both have the same layers and choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hwnas.errors import UserError
+from hwnas.search import METHODS, SearchResult
+
+
+@dataclass
+class SearchConfig:
+    device: str
+    space: str
+    budget_ms: float
+    method: str
+    supernet: Path
+    evaluations: int = 1000
+    seed: int = 0
+    input_shape: tuple[int, ...] | None = None
+    tables: Path | None = None
+    out: Path | None = None  # prefix of <out>.json, <out>.png, <out>.state.json
+    verify: bool = False
+    strict: bool = False
+    val_n: int | None = None  # held-out images per score (default: the whole val split)
+    bn_batches: int = 4
+    progress: bool = True
+    options: dict = field(default_factory=dict)  # method-specific keyword arguments
+    protocol: object = None
+
+
+def _file(prefix: Path, ext: str) -> Path:
+    # not with_suffix: a prefix such as "det20_evolution_3.4ms_s0" already contains a dot
+    return prefix.with_name(prefix.name + ext)
+
+
+def default_out(cfg: SearchConfig) -> Path:
+    return Path("hwnas-search") / f"{cfg.space}_{cfg.method}_{cfg.budget_ms:g}ms_s{cfg.seed}"
+
+
+def run_search(cfg: SearchConfig) -> SearchResult:
+    from hwnas.data import load_data
+    from hwnas.devices import load_device
+    from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
+    from hwnas.spaces import get_space
+    from hwnas.train import SupernetScorer, load_supernet
+    from hwnas.train.supernet import base_name
+
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if not cfg.budget_ms > 0:
+        raise UserError(f"--budget-ms must be positive, got {cfg.budget_ms}")
+    device, space = load_device(cfg.device), get_space(cfg.space)
+    shape = cfg.input_shape or space.default_input
+    table = LatencyTable.load(table_path(cfg.tables or tables_dir(), device.name, space.name,
+                                         shape))
+    table.check_fingerprint(device, strict=cfg.strict)
+    lut = LutPredictor(table, space, shape)
+    if lut.fastest_ms() > cfg.budget_ms:  # before loading anything heavy
+        from hwnas.search import infeasible_error
+        raise infeasible_error(cfg.budget_ms, lut.fastest_ms(), space.name)
+    net, meta = load_supernet(cfg.supernet)
+    if base_name(meta["space"]) != base_name(space.name) or net.space.num_layers != \
+            space.num_layers:
+        raise UserError(f"supernet {str(cfg.supernet)!r} is for space {meta['space']!r}; it "
+                        f"cannot score {space.name} candidates: train one with "
+                        f"`hwnas supernet train --space {base_name(space.name)}-w0.25`")
+    splits = load_data(meta["data"], int(meta["image_size"]))
+    scorer = SupernetScorer(net, splits, bn_batches=cfg.bn_batches, val_n=cfg.val_n,
+                            seed=cfg.seed)
+    out = cfg.out or default_out(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations, cfg.seed,
+                                 state_path=out.with_name(out.name + ".state.json"),
+                                 progress=cfg.progress, **cfg.options)
+    result = search.run()
+    result.context = {
+        "device": device.name, "table": str(table.path), "input_shape": list(shape),
+        "supernet": str(cfg.supernet), "supernet_space": meta["space"],
+        "supernet_step": meta["step"], "proxy_data": splits.describe(),
+        "mapping": f"{space.name} arch digits scored as {meta['space']} at "
+                   f"{meta['image_size']}x{meta['image_size']} on {meta['data']}; priced as "
+                   f"{space.name} at {'x'.join(map(str, shape))} on {device.name}",
+    }
+    if cfg.verify:
+        result.verify = verify_pick(result, device, space, shape, out, cfg.protocol)
+    result.save(_file(out, ".json"))
+    result.plot(_file(out, ".png"))
+    result.context["json"] = str(_file(out, ".json"))
+    result.context["plot"] = str(_file(out, ".png"))
+    result.save(_file(out, ".json"))
+    return result
+
+
+def verify_pick(result: SearchResult, device, space, shape, out: Path, protocol=None) -> dict:
+    """Export the pick (`hwnas.export.export_onnx`), measure it with the protocol, compare."""
+    from hwnas.export import export_onnx
+    from hwnas.latency.validate import noise_floor_pct
+    from hwnas.measure import Protocol, measure_file
+
+    arch = space.parse(result.best_arch)
+    onnx_path = export_onnx(space.build(arch), shape, _file(out, ".onnx"))
+    measured = measure_file(str(onnx_path), device, protocol or Protocol())["latency_ms"]
+    noise = noise_floor_pct(Path(result.context["table"]).parent / "noise.json")
+    tol = (noise if noise is not None else 3.0) / 100  # 3%: no `hwnas noise` report yet
+    return {"onnx": str(onnx_path), "measured_ms": measured,
+            "predicted_ms": result.predicted_latency_ms, "budget_ms": result.budget_ms,
+            "error_pct": 100 * (result.predicted_latency_ms / measured - 1),
+            "noise_floor_pct": noise, "keeps_budget": measured <= result.budget_ms * (1 + tol)}

@@ -1,0 +1,96 @@
+"""Scoring candidates: with the supernet's shared weights (the search's accuracy model), and by
+training a stand-alone network (the ground truth the benchmark ranks against)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hwnas.data import Split, Splits
+from hwnas.spaces.base import Arch, SearchSpace
+from hwnas.train.supernet import Supernet, build_standalone, proxy_arch
+from hwnas.train.trainer import TrainConfig, lr_at, train_batch
+
+
+@torch.no_grad()
+def accuracy(forward, split: Split, n: int | None = None, chunk: int = 500) -> float:
+    n = len(split) if n is None else min(n, len(split))
+    correct = 0
+    for i in range(0, n, chunk):
+        x, y = split.batch(np.arange(i, min(i + chunk, n)))
+        correct += int((forward(x).argmax(1) == y).sum())
+    return correct / max(n, 1)
+
+
+class SupernetScorer:
+    """The accuracy model of a search: `predict(archs)` → held-out accuracy of each, in [0, 1].
+
+    Per candidate (SPOS): reset the BatchNorm statistics of its path, recompute them over
+    `bn_batches` fixed training batches of `bn_batch_size` (cumulative average), then classify
+    the first `val_n` images of the search-validation split with the shared weights. Archs of
+    the priced space (det20) are mapped onto the supernet's (det20-w0.25) by `proxy_arch`.
+    """
+
+    def __init__(self, supernet: Supernet, splits: Splits, bn_batches: int = 4,
+                 bn_batch_size: int = 128, val_n: int | None = None, seed: int = 0):
+        self.net, self.splits, self.val_n = supernet, splits, val_n
+        rng = np.random.default_rng([seed, 7])
+        # the same batches for every candidate, so score differences are the candidates'
+        self.bn_data = [splits.train.batch(rng.choice(len(splits.train), min(bn_batch_size,
+                        len(splits.train)), replace=False))[0] for _ in range(bn_batches)]
+
+    @torch.no_grad()
+    def score(self, arch: Arch) -> float:
+        choices = proxy_arch(arch, self.net.space).choices
+        bns = [m for mod in self.net.path_modules(choices) for m in mod.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average over the recalibration batches
+        self.net.train()
+        for x in self.bn_data:
+            self.net(x, choices)
+        self.net.eval()
+        acc = accuracy(lambda x: self.net(x, choices), self.splits.val, self.val_n)
+        for bn in bns:
+            bn.momentum = 0.1
+        self.net.train()
+        return acc
+
+    def predict(self, archs: Sequence[Arch]) -> np.ndarray:
+        return np.array([self.score(a) for a in archs], dtype=np.float64)
+
+
+def train_standalone(space: SearchSpace, arch: Arch, splits: Splits, steps: int,
+                     batch_size: int = 64, lr: float = 0.1, seed: int = 0,
+                     progress: bool = False) -> dict:
+    """Train `arch` of `space` from scratch for `steps` SGD steps; its test (and val) accuracy.
+
+    Same optimiser, schedule and batches as the supernet (`TrainConfig`), affine BatchNorm.
+    """
+    cfg = TrainConfig(space=space.name, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    arch = proxy_arch(arch, space)
+    with torch.random.fork_rng():  # seeded initial weights, so the benchmark repeats
+        torch.manual_seed(seed)
+        model = build_standalone(space, arch, splits.image_size, splits.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    for step in tqdm(range(steps), desc=f"train {arch}", file=sys.stderr, disable=not progress,
+                     leave=False):
+        rng = np.random.default_rng([seed, step])
+        x, y = train_batch(splits, rng, batch_size)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return {"arch": str(arch), "steps": steps, "seed": seed,
+            "test_acc": accuracy(model, splits.test), "val_acc": accuracy(model, splits.val)}
