@@ -1,7 +1,9 @@
 """The Backend / Runner shape every backend module follows (after Polygraphy).
 
-A backend module exposes `available() -> (bool, reason)` and `compile(onnx_path, device) ->
-Runner`, and imports its heavy package only inside them, so a missing backend is a clear
+A backend module exposes `available(device=None) -> (bool, reason)` (with a device it also
+checks what that device needs: a GPU, an execution provider, a tuning database) and
+`compile(onnx_path, device[, module]) -> Runner` (`module` for backends that run the torch
+module itself), and imports its heavy package only inside them, so a missing backend is a clear
 `UserError`, not an ImportError at import time. Backends never time themselves: `measure.py`
 times runners.
 """

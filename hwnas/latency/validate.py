@@ -22,7 +22,6 @@ from hwnas.latency.predict import LutPredictor
 from hwnas.latency.profile import candidate_builder, measure_labelled
 from hwnas.latency.table import atomic_write_text, shape_text
 from hwnas.measure import Protocol
-from hwnas.spaces.base import Arch, SearchSpace
 
 
 @dataclass
