@@ -7,6 +7,8 @@ seeded sample) → export it, check it against torch, and measure it against the
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +61,11 @@ def pick_most_macs(predictor: LutPredictor, budget_ms: float | None, n: int, see
     fixed, grid = macs_grid(space, predictor.input_shape)
     macs = fixed + grid[np.arange(archs.shape[1]), archs].sum(1)
     if budget_ms is None:
-        budget_ms = round(float(np.median(lat)), 2)
+        # the median, rounded *up* to 3 significant digits: at least half the sample fits
+        # (rounding to a fixed 0.01 ms fell below every candidate of a 0.03 ms space)
+        median = float(np.median(lat))
+        step = 10.0 ** (math.floor(math.log10(median)) - 2)
+        budget_ms = round(math.ceil(median / step - 1e-9) * step, 12)
     fastest = predictor.fastest_ms()
     if budget_ms < fastest:
         raise UserError(f"budget {budget_ms} ms is infeasible: the fastest {space.name} candidate "

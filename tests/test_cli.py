@@ -152,3 +152,14 @@ def test_noise_report(tmp_path):
     assert set(d) >= {"protocol", "median_of_rounds", "naive_loop", "noise_floor_pct"}
     assert len(d["protocol"]["medians_ms"]) == 2
     assert json.loads(out.read_text())["noise_floor_pct"] == d["noise_floor_pct"]
+
+
+def test_default_budget_fits_tiny_spaces(tiny_tables, tiny):
+    """The default budget (the sample's median rounded up) always admits candidates."""
+    from hwnas.demo import pick_most_macs
+    from hwnas.latency import LatencyTable, LutPredictor
+
+    pred = LutPredictor(LatencyTable.load(_csv(tiny_tables)), tiny)
+    for seed in range(5):
+        arch, predicted, _, budget = pick_most_macs(pred, None, 500, seed)
+        assert predicted <= budget and budget >= pred.fastest_ms()
