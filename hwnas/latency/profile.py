@@ -25,8 +25,7 @@ from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
 from hwnas.errors import UserError
 from hwnas.export import export_onnx
 from hwnas.latency.predict import fit_calibration
-from hwnas.latency.table import (LatencyTable, atomic_write_text, new_table, shape_text,
-                                 table_path)
+from hwnas.latency.table import (LatencyTable, atomic_write_text, new_table, table_path)
 from hwnas.measure import LatencyStats, Protocol, measure_interleaved
 from hwnas.spaces.base import Arch, SearchSpace, Shape
 
@@ -182,8 +181,3 @@ def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_sha
     journal.unlink(missing_ok=True)
     return resumed
 
-
-def describe_table(table: LatencyTable) -> str:
-    m = table.meta
-    return (f"{table.path}: {len(table.rows)} ops, device {m['device']}, space {m['space']} "
-            f"@ {shape_text(m['input_shape'])}")

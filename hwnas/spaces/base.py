@@ -11,7 +11,6 @@ modules `build_op` makes for those same keys, so the three can never disagree.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,9 +70,6 @@ class OpKey:
             raise ValueError(f"op key {text!r}: bad kind or shape")
         return cls(kind, tuple(int(x) for x in dims), int(out[1:]), int(k[1:]), int(s[1:]),
                    int(d[1:]), prec)
-
-    def with_precision(self, precision: str) -> "OpKey":
-        return dataclasses.replace(self, precision=precision)
 
 
 def parse_shape(text: str) -> Shape:
