@@ -138,6 +138,12 @@ def _add_search_parsers(sub) -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--warmup-steps", type=int, default=400,
+                   help="first train the reference path (choice 0 everywhere) alone")
+    t.add_argument("--match-steps", type=int, default=300,
+                   help="then fit every other choice block to its layer's reference block; "
+                   "0 and 0 give plain SPOS, which does not leave chance level on a CPU budget "
+                   "(see hwnas/train/trainer.py)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("-o", "--output", type=Path, required=True,
                    help="checkpoint file; an existing one of the same space is resumed")
@@ -419,7 +425,8 @@ def cmd_supernet(args) -> None:
 
     cfg = TrainConfig(space=args.space, data=args.data, image_size=args.image_size,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, ckpt_every=args.ckpt_every)
+                      seed=args.seed, ckpt_every=args.ckpt_every,
+                      warmup_steps=args.warmup_steps, match_steps=args.match_steps)
     if not 16 <= cfg.image_size <= 512:
         raise UserError(f"--image-size must be between 16 and 512, got {cfg.image_size}")
     res = SupernetTrainer(cfg, args.output, progress=not args.quiet).run()

@@ -240,7 +240,8 @@ def tiny_supernet(tmp_path_factory):
                 root / "data" / c / f"{i}.png")
     ck = root / "tiny.pt"
     run_cli("supernet", "train", "--space", "tiny", "--data", root / "data", "--image-size",
-            32, "--steps", 3, "--batch-size", 8, "--ckpt-every", 2, "-o", ck, "--quiet",
+            32, "--steps", 3, "--warmup-steps", 1, "--match-steps", 1, "--batch-size", 8,
+            "--ckpt-every", 2, "-o", ck, "--quiet",
             check_rc=0)
     return ck
 
@@ -284,7 +285,8 @@ def test_cli_bad_input(tmp_path, tiny_tables, tiny_supernet, tiny_lut):
     # training into a checkpoint of another width is refused, and the file kept
     before = tiny_supernet.read_bytes()
     p = run_cli("supernet", "train", "--space", "tiny-w2", "--data", tiny_supernet.parent / "data",
-                "--image-size", 32, "--steps", 1, "-o", tiny_supernet, "--quiet", check_rc=2)
+                "--image-size", 32, "--steps", 1, "--warmup-steps", 0, "--match-steps", 0,
+                "-o", tiny_supernet, "--quiet", check_rc=2)
     assert "tiny-w2" in p.stderr and tiny_supernet.read_bytes() == before
 
 

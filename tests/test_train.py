@@ -1,5 +1,6 @@
 """Supernet training on the tiny space: real steps, resume, refused checkpoints, scoring."""
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,8 @@ def splits(tmp_path_factory):
 
 
 def cfg(**kw):
-    base = dict(space="tiny", image_size=32, steps=6, batch_size=8, ckpt_every=2)
+    base = dict(space="tiny", image_size=32, steps=6, batch_size=8, ckpt_every=2,
+                warmup_steps=0, match_steps=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -49,6 +51,56 @@ def test_resume_takes_the_same_steps(tmp_path, splits):
     # real training moved the weights
     fresh = SupernetTrainer(cfg(), tmp_path / "fresh.pt", splits, progress=False)
     assert not torch.equal(fresh.model.stem.conv[0].weight, full.model.stem.conv[0].weight)
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module):
+    return [not torch.equal(a, b) for a, b in zip(before, module.parameters())]
+
+
+def _sibling_distance(model, splits) -> float:
+    """Mean squared distance of layer 0's other choices from its reference block (on a copy, so
+    the BatchNorm statistics of the model under test stay untouched)."""
+    m = copy.deepcopy(model).train()
+    x, _ = splits.train.batch(np.arange(8))
+    with torch.no_grad():
+        h = m.stem(x)
+        ref = m.layers[0][0](h)
+        return float(np.mean([float(((b(h) - ref) ** 2).mean()) for b in list(m.layers[0])[1:]]))
+
+
+def test_warmup_then_matching_then_spos(tmp_path, splits):
+    c = cfg(steps=7, warmup_steps=2, match_steps=2, ckpt_every=1)
+    tr = SupernetTrainer(c, tmp_path / "ck.pt", splits, progress=False)
+    layers = tr.model.layers
+    ref0, sib0 = _params(layers[0][0]), _params(layers[0][3])
+    tr.train_to(2)  # warm-up: the reference path only
+    assert all(_changed(ref0, layers[0][0])) and not any(_changed(sib0, layers[0][3]))
+    ref1, sib1 = _params(layers[0][0]), _params(layers[0][3])
+    tr.train_to(3)  # one matching step: siblings move towards the reference, which stays
+    assert tr.match_loss is not None and tr.loss_ema is not None
+    assert not any(_changed(ref1, layers[0][0])) and any(_changed(sib1, layers[0][3]))
+    again = SupernetTrainer(c, tmp_path / "ck.pt", splits, progress=False)  # resume mid-match
+    assert again.step == 3
+    before = _sibling_distance(again.model, splits)
+    again.train_to(4)
+    assert _sibling_distance(again.model, splits) < before  # matching pulls siblings closer
+    res = again.run()  # SPOS phase to the end
+    assert res["step"] == 7
+    # the same run without interruption ends with identical weights
+    full = SupernetTrainer(c, tmp_path / "full.pt", splits, progress=False)
+    full.run()
+    a, b = full.model.state_dict(), again.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_start_phases_must_leave_spos_steps(tmp_path, splits):
+    with pytest.raises(UserError, match="together less than --steps"):
+        SupernetTrainer(cfg(steps=4, warmup_steps=2, match_steps=2), tmp_path / "x.pt", splits,
+                        progress=False)
 
 
 def test_checkpoint_is_weights_only_and_refuses_foreign_space(tmp_path, splits):
