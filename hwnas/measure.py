@@ -27,8 +27,10 @@ so every fidelity figure can be read against it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -135,6 +137,31 @@ def measure_interleaved(runners: Sequence[Runner], protocol: Protocol = Protocol
     rounds are measured. `on_round(done, total, all_rounds)` is called after every completed
     round, so a caller can show progress and save it, losing at most the round in flight.
     """
+    with announce_measuring():
+        return _measure_interleaved(runners, protocol, prior_rounds, on_round)
+
+
+MEASURING_FLAG_ENV = "HWNAS_MEASURING_FLAG"
+
+
+@contextlib.contextmanager
+def announce_measuring():
+    """While timing, hold the file named by ``$HWNAS_MEASURING_FLAG`` (if set), containing this
+    process id, so cooperating jobs on the host can pause meanwhile (`tools/quiet_gate.py`)."""
+    flag = os.environ.get(MEASURING_FLAG_ENV)
+    if not flag:
+        yield
+        return
+    with open(flag, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(flag)
+
+
+def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> list[LatencyStats]:
     rng = np.random.default_rng(0)
     items = [_Item(r, r.random_feed(rng)) for r in runners]
     if prior_rounds is not None:

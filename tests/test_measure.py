@@ -66,3 +66,14 @@ def test_runner_checks_inputs(runners):
     out = r.run(r.random_feed())
     assert out[0].shape == (1, 10)
     assert measure(r, FAST).best_ms > 0
+
+
+def test_measuring_flag_is_held_only_while_timing(runners, tmp_path, monkeypatch):
+    import os
+
+    flag = tmp_path / "measuring"
+    monkeypatch.setenv("HWNAS_MEASURING_FLAG", str(flag))
+    seen = []
+    measure_interleaved(runners, FAST, on_round=lambda d, t, r: seen.append(flag.read_text()))
+    assert seen and all(s.strip() == str(os.getpid()) for s in seen)
+    assert not flag.exists()
