@@ -164,3 +164,16 @@ def test_candidate_of_tuned_workloads_compiles_without_tuning(tiny, tmp_path):
     with compile_model(path, dev) as r:
         assert r.tuning.tasks > 0 and r.tuning.tuned == [], r.tuning
     assert rel_err(path, dev) <= REL_TOL
+
+
+def test_explain_reads_tvms_kernels_per_layer(tiny, tiny_tables, untuned):
+    """`--explain` on TVM: the VM instrument's per-call times, mapped back to every layer."""
+    from hwnas.latency import LatencyTable, LutPredictor, table_path
+    from hwnas.latency.explain import explain_arch
+
+    t = LatencyTable.load(table_path(tiny_tables, "cpu-ort-fp32", "tiny", tiny.default_input))
+    e = explain_arch(LutPredictor(t, tiny), untuned, tiny.parse("tiny:0312"), runs=3)
+    assert [r.layer for r in e.rows] == ["stem", "layer0", "layer1", "layer2", "layer3", "head",
+                                         "fixed"]
+    assert all(r.in_model_ms > 0 for r in e.rows[:-1])
+    assert e.profiled_ms > 0

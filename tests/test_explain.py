@@ -7,7 +7,7 @@ import pytest
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.latency import LatencyTable, LutPredictor, table_path
-from hwnas.latency.explain import explain_arch, per_layer_ms
+from hwnas.latency.explain import explain_arch, per_layer_ms, tvm_layers
 
 from conftest import run_cli
 
@@ -58,3 +58,19 @@ def _rows(csv_path):
 
     with open(csv_path) as f:
         return list(csv.DictReader(f))
+
+
+def test_tvm_call_order_maps_to_layers():
+    # the call sequence TVM 0.27 produced for tiny:0312 (builtins trimmed), two runs
+    symbols = ["vm.builtin.alloc_tensor", "fused_conv2d_add_relu", "max_pool2d",
+               "fused_conv2d1_add1", "concatenate", "strided_slice", "fused_conv2d4_add1",
+               "fused_strided_slice1_concatenate", "fused_conv2d5_add3", "concatenate1",
+               "strided_slice2", "fused_conv2d6_add3_relu4", "fused_strided_slice3_concatenate1",
+               "mean", "fused_matmul_add5"]
+    events = [(f"{i:04d}:{s}", 1.0) for _ in range(2) for i, s in enumerate(symbols)]
+    named = tvm_layers(events, 4)
+    got = per_layer_ms(named)
+    assert got == pytest.approx({"glue": 1.0, "stem": 2.0, "layer0": 2.0, "layer1": 3.0,
+                                 "layer2": 2.0, "layer3": 3.0, "head": 2.0})
+    with pytest.raises(UserError, match="expected 5"):
+        tvm_layers(events, 5)

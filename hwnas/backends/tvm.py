@@ -9,6 +9,8 @@ Device options (all optional):
   ``mcpu``             LLVM CPU name (default "host": LLVM's name for this CPU; ``-mcpu=native``
                        is not used because TVM silently falls back to a generic CPU with it)
   ``seed``             the tuner's seed (default 0)
+  ``profile_nodes``    time every VM call through the VM's instrument hook, for `node_profile`
+                       (Python timing around each call: for attribution, not for latency)
 
 Both tuned and untuned devices lower through the same passes (legalise, fold, fuse), so their
 kernels are the same fused tasks; the tuned device then applies the database's schedules, and the
@@ -81,10 +83,11 @@ def _options(device: Device) -> dict[str, Any]:
     if device.precision != "fp32":
         raise UserError(f"device {device.name}: the TVM backend builds fp32 only, not "
                         f"{device.precision}")
-    unknown = set(o) - {"tuning", "trials_per_task", "database", "mcpu", "seed"}
+    known = ("tuning", "trials_per_task", "database", "mcpu", "seed", "profile_nodes")
+    unknown = set(o) - set(known)
     if unknown:
         raise UserError(f"device {device.name}: unknown TVM option(s) {sorted(unknown)}; known: "
-                        "tuning, trials_per_task, database, mcpu, seed")
+                        f"{', '.join(known)}")
     return {"tuning": tuning, "trials_per_task": trials, "database": o.get("database"),
             "mcpu": o.get("mcpu", "host"), "seed": int(o.get("seed", 0))}
 
@@ -244,6 +247,29 @@ class TvmRunner(Runner):
             dtype = np.dtype(onnx_dtype(i.type.tensor_type.elem_type))
             self.inputs.append(TensorSpec(i.name, shape, dtype))
         self._staging = [tvm.runtime.empty(s.shape, str(s.dtype), self._dev) for s in self.inputs]
+        self._events: list[tuple[str, float]] | None = None
+        if device.options.get("profile_nodes"):
+            self._events, self._call, self._t0 = [], 0, 0.0
+            self.vm.set_instrument(self._instrument)
+
+    def _instrument(self, func, symbol, before_run, ret_value, *args) -> int:
+        """Called by the VM before and after every call instruction (kernels and builtins);
+        records ``("<call index in the run>:<symbol>", ms)``."""
+        import time
+
+        if before_run:
+            self._t0 = time.perf_counter()
+        else:
+            self._events.append((f"{self._call:04d}:{symbol}",
+                                 (time.perf_counter() - self._t0) * 1e3))
+            self._call += 1
+        return 0  # VMInstrumentReturnKind.NO_OP: carry on
+
+    def node_profile(self):
+        """(``"<call index>:<kernel symbol>"``, ms) for every VM call of every run so far, in
+        call order. The kernels are TVM's fused functions, so fusion is what TVM did, not what
+        the ONNX graph says; `hwnas.latency.explain.tvm_layers` maps them back to layers."""
+        return None if self._events is None else list(self._events)
 
     def random_feed(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         feed = super().random_feed(rng)
@@ -264,6 +290,8 @@ class TvmRunner(Runner):
         return self._staging[i]
 
     def _run(self, feed):
+        if self._events is not None:
+            self._call = 0
         out = self._main(*[self._tensor(i, feed[s.name]) for i, s in enumerate(self.inputs)])
         # zero-copy views: each holds a reference to the VM's output tensor, which the VM
         # allocates per call (`.numpy()` would copy into fresh, page-faulting memory every run)
