@@ -5,7 +5,7 @@ Each phase is resumable and bounded, so it can run in ≤10-minute chunks under 
   flock /tmp/hwnas-heavy.lock python tools/bench_tvm.py tune --minutes 8     # repeat until done
   flock /tmp/hwnas-heavy.lock python tools/bench_tvm.py profile              # `hwnas profile`
   flock /tmp/hwnas-heavy.lock python tools/bench_tvm.py compare --n 20       # TVM vs onnxruntime
-  flock /tmp/hwnas-heavy.lock python tools/bench_tvm.py validate --n 50      # `hwnas validate`
+  flock /tmp/hwnas-heavy.lock python tools/bench_tvm.py validate --n 100     # `hwnas validate`
   python tools/bench_tvm.py status                                            # tuning spent so far
   python tools/bench_tvm.py compact                 # keep each workload's best record (to commit)
 
