@@ -17,7 +17,7 @@ import numpy as np
 
 from hwnas.backends.base import Runner, TensorSpec
 from hwnas.devices import Device, gpu_info
-from hwnas.errors import UserError
+from hwnas.errors import UserError, first_line
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
@@ -79,17 +79,12 @@ class OrtRunner(Runner):
             self._trace_dir = tempfile.mkdtemp(prefix="hwnas-ort-trace-")
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(self._trace_dir, "trace")
+        # `compile` has checked the providers with `available(device)`
         providers = list(device.options.get("providers", ["CPUExecutionProvider"]))
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise UserError(f"device {device.name}: onnxruntime here lacks {missing} (has "
-                            f"{ort.get_available_providers()}); install the matching "
-                            "onnxruntime build or pick another device")
         try:
             self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own non-exported exception types
-            msg = str(e).splitlines()[0][:300]
-            raise UserError(f"onnxruntime cannot load {onnx_path}: {msg}") from None
+            raise UserError(f"onnxruntime cannot load {onnx_path}: {first_line(e)}") from None
         self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(_DTYPES.get(i.type, np.float32)))
                        for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]

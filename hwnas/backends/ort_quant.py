@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from hwnas.devices import Device
-from hwnas.errors import UserError
+from hwnas.errors import UserError, first_line
 
 # onnxruntime 1.31 loads models of IR version ≤ 13; quantize_static writes what `onnx` makes
 # by default, which can be newer than the runtime accepts
@@ -113,9 +113,8 @@ def quantize_file(onnx_path: str | Path, out_path: str | Path, device: Device) -
         for f, had in zip(litter, existed):
             if not had:
                 f.unlink(missing_ok=True)
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise UserError(f"onnxruntime (int8 pre-processing) cannot load {onnx_path}: {msg}") \
-            from None
+        raise UserError(f"onnxruntime (int8 pre-processing) cannot load {onnx_path}: "
+                        f"{first_line(e)}") from None
     model = onnx.load(str(pre))
     inputs = []
     for i in model.graph.input:
@@ -136,9 +135,8 @@ def quantize_file(onnx_path: str | Path, out_path: str | Path, device: Device) -
                                            "int8_symmetric_activations", False)),
                                        "WeightSymmetric": True})
     except Exception as e:  # the quantiser raises bare Exceptions/ValueErrors per op
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise UserError(f"onnxruntime int8 quantisation cannot handle {onnx_path}: {msg}") \
-            from None
+        raise UserError(f"onnxruntime int8 quantisation cannot handle {onnx_path}: "
+                        f"{first_line(e)}") from None
     finally:
         pre.unlink(missing_ok=True)
     q = onnx.load(str(out_path))
