@@ -96,6 +96,10 @@ def train_batch(splits: Splits, rng: np.random.Generator,
     return x, y
 
 
+def _ema(old: float | None, v: float) -> float:
+    return v if old is None else 0.98 * old + 0.02 * v
+
+
 def uniform_sampler(num_layers: int, num_choices: int) -> PathSampler:
     return lambda rng: rng.integers(0, num_choices, num_layers)
 
@@ -151,33 +155,37 @@ class SupernetTrainer:
         save_checkpoint(self.out, self.meta(), self.model, self.opt)
 
     def _one_step(self, sampler: PathSampler) -> float:
+        """One optimiser step of the phase `self.step` is in; the step's (per-block) loss."""
         rng = np.random.default_rng([self.cfg.seed, self.step])
         phase = self.cfg.phase(self.step)
+        self.model.train()
         if phase == "match":
-            return self._match_step(rng)
-        choices = ([0] * self.space.num_layers if phase == "warmup"
-                   else [int(c) for c in sampler(rng)])
-        x, y = train_batch(self.splits, rng, self.cfg.batch_size)
+            loss, blocks = self._matching_loss(rng)
+        else:
+            choices = ([0] * self.space.num_layers if phase == "warmup"
+                       else [int(c) for c in sampler(rng)])
+            x, y = train_batch(self.splits, rng, self.cfg.batch_size)
+            loss = nn.functional.cross_entropy(self.model(x, choices), y,
+                                               label_smoothing=self.cfg.label_smoothing)
+            blocks = 1
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.cfg, self.step)
-        self.model.train()
-        loss = nn.functional.cross_entropy(self.model(x, choices), y,
-                                           label_smoothing=self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.step += 1
-        v = float(loss.detach())
-        self.loss_ema = v if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * v
+        v = float(loss.detach()) / blocks
+        if phase == "match":
+            self.match_loss = _ema(self.match_loss, v)
+        else:
+            self.loss_ema = _ema(self.loss_ema, v)
         return v
 
-    def _match_step(self, rng: np.random.Generator) -> float:
+    def _matching_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
         """Every non-reference choice block regresses its layer's reference block (MSE) on the
-        reference path's own input to that layer; the reference path is not changed."""
+        reference path's own input to that layer; the reference path is not changed. Returns
+        the summed loss and the number of blocks in it."""
         x, _ = train_batch(self.splits, rng, self.cfg.batch_size)
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.cfg, self.step)
-        self.model.train()
         ins, outs = [], []
         with torch.no_grad():
             h = self.model.stem(x)
@@ -189,14 +197,7 @@ class SupernetTrainer:
                  zip(self.model.layers, ins, outs) for block in list(layer)[1:]]
         # each block appears in one term only: the sum gives every block its own full gradient
         # (a mean would divide each block's step by the number of blocks)
-        loss = torch.stack(terms).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        v = float(loss.detach()) / len(terms)  # reported per block
-        self.match_loss = v if self.match_loss is None else 0.98 * self.match_loss + 0.02 * v
-        return v
+        return torch.stack(terms).sum(), len(terms)
 
     def train(self, n: int, sampler: PathSampler | None = None, desc: str = "supernet") -> None:
         """`n` more steps, each on one path drawn by `sampler` (default: uniform, SPOS)."""
