@@ -131,3 +131,15 @@ def test_macs_counted_from_the_module():
     space = get_space("det20")
     k = space.op_keys(space.arch([0] * 20))[0]  # stem: 3x3 conv 3->16, s2, 320 -> 160
     assert count_macs(space.build_op(k), k.in_shape) == 160 * 160 * 16 * 3 * 9
+
+
+@pytest.mark.parametrize("name", ["tiny", "det20-w0.25"])
+def test_feature_info_matches_forward_features(name):
+    space = get_space(name)
+    arch = space.sample(np.random.default_rng(3))
+    shape = space.default_input
+    feats = space.build(arch).forward_features(torch.zeros(shape))
+    info = space.feature_info(shape)
+    assert [f.index for f in info] == list(range(len(feats)))
+    assert [(f.channels, shape[2] // f.stride) for f in info] == \
+        [(t.shape[1], t.shape[2]) for t in feats]

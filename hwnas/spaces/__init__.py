@@ -7,7 +7,7 @@ A ``-w<mult>`` suffix on a registered name gives that space with a width multipl
 from __future__ import annotations
 
 from hwnas.errors import UserError
-from hwnas.spaces.base import Arch, OpKey, SearchSpace, count_macs, parse_shape
+from hwnas.spaces.base import Arch, FeatureInfo, OpKey, SearchSpace, count_macs, parse_shape
 from hwnas.spaces.shufflenet import ShuffleNetConfig, ShuffleNetSpace
 
 SPACES: dict[str, ShuffleNetConfig] = {
@@ -39,4 +39,4 @@ def get_space(name: str) -> SearchSpace:
     return ShuffleNetSpace(cfg)
 
 
-__all__ = ["Arch", "OpKey", "SearchSpace", "SPACES", "get_space", "count_macs", "parse_shape"]
+__all__ = ["Arch", "FeatureInfo", "OpKey", "SearchSpace", "SPACES", "get_space", "count_macs", "parse_shape"]

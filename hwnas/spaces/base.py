@@ -23,6 +23,16 @@ from hwnas.errors import UserError
 Shape = tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One output level a candidate offers a detector's neck: `channels` and `stride` (input
+    size / level size), and `index`, its position in `forward_features`' list."""
+
+    index: int
+    channels: int
+    stride: int
+
+
 @dataclass(frozen=True, order=True)
 class Arch:
     """One candidate: the space's name and one choice index per layer. Immutable and hashable."""
@@ -168,6 +178,11 @@ class SearchSpace:
         raise NotImplementedError
 
     def build(self, arch: Arch) -> nn.Module:
+        raise NotImplementedError
+
+    def feature_info(self, input_shape: Shape | None = None) -> list[FeatureInfo]:
+        """The levels `build(arch).forward_features(x)` returns, in order (the same for every
+        candidate of a single-path space)."""
         raise NotImplementedError
 
     def key_grid(self, input_shape: Shape | None = None, precision: str = "fp32",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hwnas.spaces.base import Arch, OpKey, SearchSpace, Shape
+from hwnas.spaces.base import Arch, FeatureInfo, OpKey, SearchSpace, Shape
 
 CHOICES = ("shuffle3", "shuffle5", "shuffle7", "xception")
 _KERNEL = {"shuffle3": 3, "shuffle5": 5, "shuffle7": 7, "xception": 3}
@@ -180,6 +180,14 @@ class ShuffleNetSpace(SearchSpace):
                 c, layer = out, layer + 1
         keys.append(OpKey("head", (n, c, h, w), self.cfg.num_classes, precision=precision))
         return keys
+
+    def feature_info(self, input_shape: Shape | None = None) -> list[FeatureInfo]:
+        """Every stage's output, read off the key walk: the op after a stage's last block takes
+        that stage's output as its input."""
+        shape = input_shape or self.default_input
+        keys = self.op_keys(Arch(self.name, (0,) * self.num_layers), shape)
+        return [FeatureInfo(i, keys[end + 1].in_shape[1], shape[2] // keys[end + 1].in_shape[2])
+                for i, end in enumerate(self.stage_ends)]
 
     def build_op(self, key: OpKey, affine: bool = True) -> nn.Module:
         in_channels = key.in_shape[1]
