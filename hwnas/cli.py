@@ -26,12 +26,32 @@ def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) ->
         p.add_argument("--tables", type=Path, default=None,
                        help="folder of latency tables (default: latency_tables/ of the checkout)")
         p.add_argument("--strict", action="store_true",
-                       help="refuse a table measured on another machine instead of warning")
+                       help="refuse a table whose fingerprint differs from this machine's in "
+                       "anything that matters, instead of warning")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--span-s", type=float, default=None,
                    help="protocol: least wall time each measurement's rounds cover "
                    f"(default {Protocol.span_s}; shorter is faster and noisier)")
+
+
+def _host(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, metavar="ID",
+                   help="price with another host's table (`hwnas tables` lists them); a "
+                   "warning says latencies from another machine may not hold here")
+
+
+def _canary(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--canary", choices=["off", "report", "correct"], default=default,
+                   help="re-time the table's canary candidate now and report the host's drift "
+                   "since the table was made, or also correct predictions by it "
+                   f"(default {default})")
+
+
+def _quiet_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--require-quiet", action="store_true",
+                   help="refuse (exit 2, nothing saved) a measurement taken while the host was "
+                   "busy in most rounds, instead of warning")
 
 
 def _protocol(args) -> Protocol:
@@ -51,14 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list known devices and whether each is usable here")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("profile", help="build or resume a latency table")
+    p = sub.add_parser("profile", help="build or resume this host's latency table")
     _common(p)
+    _quiet_flag(p)
     p.add_argument("--calibration-n", type=int, default=20,
                    help="whole candidates measured to calibrate the sum (default 20; 0: none)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("predict", help="latency of a candidate from the LUT")
     _common(p)
+    _host(p)
+    _canary(p, "off")
     p.add_argument("--arch", required=True, help="e.g. det20:01230123012301230123")
 
     p = sub.add_parser("measure", help="measured latency of an ONNX file or a candidate")
@@ -76,14 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the candidate to time (default: a det20 model of ~3 ms here)")
     p.add_argument("--processes", type=int, default=6)
     p.add_argument("--out", type=Path, default=None,
-                   help="where to save the report (default: <tables>/<device>/noise.json)")
+                   help="where to save the report (default: a new run folder)")
+    p.add_argument("--publish", action="store_true",
+                   help="save it beside this host's tables, as the noise floor they cite")
 
     p = sub.add_parser("validate", help="predicted vs measured on N held-out random candidates")
     _common(p)
+    _host(p)
+    _quiet_flag(p)
+    p.add_argument("--canary", choices=["off", "report"], default="report",
+                   help="time the table's canary interleaved with the candidates and report "
+                   "the figures corrected by the host's drift beside the raw ones (default)")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None,
-                   help="prefix of the CSV and PNG (default: beside the table)")
+                   help="prefix of the CSV and PNG (default: a new run folder)")
+    p.add_argument("--publish", action="store_true",
+                   help="write the CSV and PNG beside the table, as its published evidence")
     p.add_argument("--explain", action="store_true",
                    help="profile the worst candidates per node and show which layers carry "
                    "their error (LUT price vs time inside the model)")
@@ -114,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="det20")
     p.add_argument("--input", default="1x3x320x320")
     p.add_argument("--budget-ms", type=float, default=None)
-    p.add_argument("--out", type=Path, default=Path("hwnas-demo"))
+    p.add_argument("--out", type=Path, default=None, help="default: a new run folder")
     p.add_argument("--tables", type=Path, default=None)
+    _canary(p, "correct")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
+    p = sub.add_parser("tables", help="the hosts and tables under a tables folder; "
+                       "`migrate` moves tables from before hosts under their host")
+    p.add_argument("action", nargs="?", choices=["list", "migrate"], default="list")
+    p.add_argument("--tables", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
     _add_search_parsers(sub)
     return ap
 
@@ -152,6 +190,8 @@ def _add_search_parsers(sub) -> None:
 
     p = sub.add_parser("search", help="a latency-budgeted search scored by a supernet")
     _common(p)
+    _host(p)
+    _canary(p, "off")
     p.add_argument("--budget-ms", type=float, required=True)
     p.add_argument("--method", choices=["evolution", "pcnas", "random"], default="evolution")
     p.add_argument("--supernet", type=Path, required=True, help="checkpoint from "
@@ -183,17 +223,17 @@ def _shape(args, space):
     return shape
 
 
-def _predictor(args):
+def _predictor(args, canary: str | None = None):
+    """(device, space, shape, predictor, drift): this host's table, or --host's."""
     from hwnas.devices import load_device
-    from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
+    from hwnas.latency.lookup import open_predictor
     from hwnas.spaces import get_space
 
     device, space = load_device(args.device), get_space(args.space)
     shape = _shape(args, space)
-    table = LatencyTable.load(table_path(args.tables or tables_dir(), device.name, space.name,
-                                         shape))
-    table.check_fingerprint(device, strict=args.strict)
-    return device, space, shape, LutPredictor(table, space, shape)
+    pred, drift = open_predictor(device, space, shape, args.tables, args.host, args.strict,
+                                 canary if canary is not None else args.canary, _protocol(args))
+    return device, space, shape, pred, drift
 
 
 def _emit(args, obj: dict, lines: list[str]) -> None:
@@ -234,12 +274,15 @@ def cmd_profile(args) -> None:
     device, space = load_device(args.device), get_space(args.space)
     shape = _shape(args, space)
     rep = profile(device, space, shape, args.tables or tables_dir(), _protocol(args),
-                  calibration_n=args.calibration_n, seed=args.seed, progress=not args.quiet)
+                  calibration_n=args.calibration_n, seed=args.seed, progress=not args.quiet,
+                  require_quiet=args.require_quiet)
     rep.table.check_fingerprint(device, strict=args.strict)
     d = rep.to_dict()
     cal = d["calibration"]
+    canary = d["canary"] or {}
     _emit(args, d, [f"{d['table']}: {d['rows']} ops ({d['measured_ops']} measured now, "
-                    f"{d['reused_ops']} reused)",
+                    f"{d['reused_ops']} reused), host {d['host']}",
+                    f"canary {canary.get('arch')}: {canary.get('latency_ms', float('nan')):.4f} ms",
                     f"calibration: latency = {cal['intercept_ms']:.4f} ms + "
                     + " + ".join(f"{v:.3f}×Σ{k}" for k, v in cal["slopes"].items())
                     + f" (max fit error {cal['fit_max_abs_err_pct']:.2f}%)"
@@ -247,11 +290,19 @@ def cmd_profile(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    device, space, shape, pred = _predictor(args)
+    from hwnas.spaces import get_space
+
+    get_space(args.space).parse(args.arch)  # a bad arch fails before any timing
+    device, space, shape, pred, drift = _predictor(args)
     arch = space.parse(args.arch)
     ms = pred.predict(arch)
     _emit(args, {"arch": str(arch), "latency_ms": ms, "device": device.name,
-                 "input_shape": list(shape)}, [f"{arch}  {ms:.4f} ms  ({device.name})"])
+                 "host": pred.table.host, "input_shape": list(shape),
+                 "drift": drift.to_dict() if drift else None,
+                 "canary_corrected": args.canary == "correct"},
+          [f"{arch}  {ms:.4f} ms  ({device.name}, host {pred.table.host}"
+           + (", canary-corrected" if args.canary == "correct" else "") + ")"]
+          + ([drift.line()] if drift else []))
 
 
 def cmd_measure(args) -> None:
@@ -282,8 +333,10 @@ def cmd_measure(args) -> None:
 def cmd_noise(args) -> None:
     from hwnas.devices import load_device
     from hwnas.export import export_onnx
-    from hwnas.latency.table import atomic_write_text, now_iso, tables_dir
+    from hwnas.fileio import atomic_write_text
+    from hwnas.latency.table import host_dir, now_iso, tables_dir
     from hwnas.measure import measure_noise
+    from hwnas.runs import new_run_dir
     from hwnas.spaces import get_space
 
     device = load_device(args.device)
@@ -305,7 +358,10 @@ def cmd_noise(args) -> None:
     result = {"device": device.name, "arch": str(arch), "processes": n, "date": now_iso(),
               "fingerprint": device.fingerprint(), **reports,
               "noise_floor_pct": 100 * reports["protocol"]["cv"]}
-    out = args.out or (args.tables or tables_dir()) / device.name / "noise.json"
+    if args.publish:
+        out = host_dir(args.tables or tables_dir(), device) / "noise.json"
+    else:
+        out = args.out or new_run_dir("noise", device.name) / "noise.json"
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     lines = [f"noise floor on {device.name} ({arch}, {n} processes, between-process spread of "
              "the latency):"]
@@ -320,12 +376,21 @@ def cmd_validate(args) -> None:
     from hwnas.latency.table import shape_text
     from hwnas.latency.validate import validate
 
+    from hwnas.runs import new_run_dir
+
     _positive("--n", args.n)
-    device, space, shape, pred = _predictor(args)
-    prefix = args.out or pred.table.path.parent / f"{space.name}_{shape_text(shape)}"
+    if args.publish and args.out:
+        raise UserError("give --out or --publish, not both")
+    device, space, shape, pred, _ = _predictor(args, canary="off")
+    name = f"{space.name}_{shape_text(shape)}"
+    if args.publish:
+        prefix = pred.table.path.parent / name
+    else:
+        prefix = args.out or new_run_dir("validate", f"{device.name}-{name}") / name
     rep = validate(pred, device, args.n, args.seed, prefix,
                    noise_file=pred.table.path.parent / "noise.json", protocol=_protocol(args),
-                   progress=not args.quiet)
+                   progress=not args.quiet, canary=args.canary == "report",
+                   require_quiet=args.require_quiet)
     d, lines = rep.to_dict(), rep.lines()
     if args.explain:
         from hwnas.latency import explain
@@ -398,10 +463,16 @@ def cmd_demo(args) -> None:
     res = run_demo(DemoConfig(device=args.device, space=args.space,
                               input_shape=parse_shape(args.input), tables=args.tables,
                               out=args.out, budget_ms=args.budget_ms, seed=args.seed,
-                              protocol=_protocol(args), progress=not args.quiet))
+                              protocol=_protocol(args), progress=not args.quiet,
+                              canary=args.canary))
     v, p = res["validation"], res["pick"]
+    drift = res["drift"]
     lines = [f"1. profile: {res['profile']['table']} ({res['profile']['rows']} ops, "
-             f"{res['profile']['measured_ops']} measured now)",
+             f"{res['profile']['measured_ops']} measured now; host {res['host']})",
+             "   canary: " + (f"host drift {drift['drift_pct']:+.1f}% since the table "
+                              f"({drift['table_ms']:.3f} → {drift['now_ms']:.3f} ms)"
+                              + ("; prices corrected by it" if args.canary == "correct" else "")
+                              if drift else "not timed (--canary off)"),
              f"2. validate: {v['n']} held-out candidates, mean |error| "
              f"{v['mean_abs_err_pct']:.2f}%, {100 * v['within_10pct']:.0f}% within ±10%",
              f"3. pick under {p['budget_ms']} ms (most MACs among the sample): {p['arch']} "
@@ -410,11 +481,38 @@ def cmd_demo(args) -> None:
              f"(prediction error {p['error_pct']:+.2f}%; onnxruntime vs torch rel err "
              f"{p['onnx_max_rel_err_vs_torch']:.1e})",
              f"   budget {p['budget_ms']} ms {'KEPT' if p['keeps_budget'] else 'MISSED'} "
-             f"(tolerance: noise floor {p['tolerance_pct']:.2f}%)"]
+             f"(tolerance: noise floor {p['tolerance_pct']:.2f}%)",
+             f"   results in {res['out']}"]
     _emit(args, res, lines)
 
 
-COMMANDS = {"devices": cmd_devices, "profile": cmd_profile, "predict": cmd_predict,
+def cmd_tables(args) -> None:
+    from hwnas.hosts import describe, load_index
+    from hwnas.latency.migrate import legacy_tables, migrate
+    from hwnas.latency.table import tables_dir
+
+    root = args.tables or tables_dir()
+    if args.action == "migrate":
+        moved = migrate(root)
+        _emit(args, {"migrated": moved}, [f"{m['table']} (host {m['host']}; moved "
+                                          f"{', '.join(m['moved'])})" for m in moved]
+              or ["nothing to migrate"])
+        return
+    index = load_index(root)
+    rows = []
+    for hid, facts in sorted(index.items()):
+        tables = sorted(str(p.relative_to(root)) for p in root.glob(f"*/{hid}/*.csv")
+                        if ".validation" not in p.name and ".vs_ort" not in p.name)
+        rows.append({"host": hid, "facts": facts, "tables": tables})
+    legacy = [str(p) for p in legacy_tables(root)]
+    lines = [f"{r['host']}: {describe(r['facts'])}\n    " + "\n    ".join(r["tables"])
+             for r in rows] or [f"no hosts under {root}"]
+    if legacy:
+        lines.append(f"{len(legacy)} table(s) from before hosts: `hwnas tables migrate`")
+    _emit(args, {"tables": str(root), "hosts": rows, "legacy": legacy}, lines)
+
+
+COMMANDS = {"devices": cmd_devices, "tables": cmd_tables, "profile": cmd_profile, "predict": cmd_predict,
             "measure": cmd_measure, "noise": cmd_noise, "validate": cmd_validate,
             "compare": cmd_compare,
             "export": cmd_export, "demo": cmd_demo}
@@ -444,7 +542,8 @@ def cmd_search(args) -> None:
         device=args.device, space=args.space, budget_ms=args.budget_ms, method=args.method,
         supernet=args.supernet, evaluations=_positive("--evaluations", args.evaluations),
         seed=args.seed, input_shape=_shape(args, space), tables=args.tables, out=args.out,
-        verify=args.verify, strict=args.strict, val_n=args.val_n, progress=not args.quiet,
+        verify=args.verify, strict=args.strict, host=args.host, canary=args.canary,
+        val_n=args.val_n, progress=not args.quiet,
         protocol=_protocol(args)))
     lines = [f"{res.method} under {res.budget_ms:g} ms ({res.evaluations} evaluations, seed "
              f"{res.seed}): {res.best_arch}",

@@ -103,7 +103,7 @@ def compare(onnx_path: str | Path, devices: list[Device], protocol: Protocol = P
         for d, r in zip(devices, runners):
             local = {s.name: feed[s.name].astype(s.dtype) for s in r.inputs}
             diffs.append(output_diff([np.asarray(o) for o in r.run(local)], refs))
-        stats = measure_interleaved(runners, protocol)
+        stats = measure_interleaved(runners, protocol).stats
     out = []
     for d, (abs_d, rel_d), s in zip(devices, diffs, stats):
         tol = TOLERANCES.get(d.precision)

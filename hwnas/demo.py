@@ -17,14 +17,13 @@ import numpy as np
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.export import check_export, export_onnx
+from hwnas.latency.lookup import open_predictor
 from hwnas.latency.predict import LutPredictor
 from hwnas.latency.profile import profile
 from hwnas.latency.table import shape_text
-from hwnas.latency.validate import noise_floor_pct, validate
+from hwnas.latency.validate import budget_verdict, validate
 from hwnas.measure import Protocol, measure_file
 from hwnas.spaces import count_macs, get_space
-
-DEFAULT_NOISE_PCT = 3.0  # used only when `hwnas noise` has not been run for the device
 
 
 @dataclass
@@ -33,7 +32,8 @@ class DemoConfig:
     space: str = "det20"
     input_shape: tuple[int, ...] = (1, 3, 320, 320)
     tables: Path | None = None
-    out: Path = Path("hwnas-demo")
+    out: Path | None = None  # default: a new run folder
+    canary: str = "correct"  # re-time the canary; price with the host's drift since the table
     budget_ms: float | None = None  # default: the median predicted latency of the sample
     validate_n: int = 5
     sample_n: int = 20000
@@ -80,35 +80,41 @@ def pick_most_macs(predictor: LutPredictor, budget_ms: float | None, n: int, see
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """profile this host if it has no table (progress bar with ETA) → re-time the canary (the
+    host's drift since the table was made) → validate a few held-out candidates → pick under the
+    budget, priced with that drift → export, check against torch, measure against the budget."""
     from hwnas.latency.table import tables_dir
+    from hwnas.runs import new_run_dir
 
     device, space = load_device(cfg.device), get_space(cfg.space)
     root = cfg.tables or tables_dir()
+    out = cfg.out or new_run_dir("demo", f"{device.name}-{space.name}")
     prof = profile(device, space, cfg.input_shape, root, cfg.protocol, progress=cfg.progress)
-    table = prof.table
-    table.check_fingerprint(device)
-    predictor = LutPredictor(table, space, cfg.input_shape)
+    predictor, drift = open_predictor(device, space, cfg.input_shape, root,
+                                      canary=cfg.canary, protocol=cfg.protocol)
+    table = predictor.table
     noise_file = table.path.parent / "noise.json"
-    out_prefix = cfg.out / f"{space.name}_{shape_text(cfg.input_shape)}"
+    out_prefix = out / f"{space.name}_{shape_text(cfg.input_shape)}"
     val = validate(predictor, device, cfg.validate_n, cfg.seed + 1000, out_prefix,
-                   noise_file=noise_file, protocol=cfg.protocol, progress=cfg.progress)
+                   noise_file=noise_file, protocol=cfg.protocol, progress=cfg.progress,
+                   canary=False)
     arch, predicted, macs, budget = pick_most_macs(predictor, cfg.budget_ms, cfg.sample_n,
                                                    cfg.seed)
     model = space.build(arch)
-    onnx_path = export_onnx(model, cfg.input_shape, cfg.out / f"{str(arch).replace(':', '_')}.onnx")
+    onnx_path = export_onnx(model, cfg.input_shape, out / f"{str(arch).replace(':', '_')}.onnx")
     check = check_export(model, onnx_path, cfg.input_shape)
     measured = measure_file(str(onnx_path), device, cfg.protocol, module=model)["latency_ms"]
-    noise = noise_floor_pct(noise_file)
-    tolerance_pct = noise if noise is not None else DEFAULT_NOISE_PCT
+    verdict = budget_verdict(measured, budget, noise_file)
     return {
         "device": device.name, "space": space.name, "input_shape": list(cfg.input_shape),
-        "profile": prof.to_dict(),
+        "host": table.host, "out": str(out),
+        "profile": prof.to_dict(), "drift": drift.to_dict() if drift else None,
         "validation": val.to_dict(),
         "pick": {"arch": str(arch), "macs_m": round(macs / 1e6, 2), "budget_ms": budget,
                  "predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
                  "error_pct": round((predicted / measured - 1) * 100, 2),
                  "onnx": str(onnx_path), "onnx_max_rel_err_vs_torch": check.rel_err,
-                 "tolerance_pct": tolerance_pct,
-                 "keeps_budget": measured <= budget * (1 + tolerance_pct / 100)},
+                 "tolerance_pct": verdict["tolerance_pct"],
+                 "keeps_budget": verdict["keeps_budget"]},
         "seed": cfg.seed,
     }

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hwnas.backends import get_backend
 from hwnas.errors import UserError
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +47,13 @@ class Device:
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What a measurement on this device depends on: hardware, OS, backend and versions."""
+    def fingerprint(self, volatile: bool = True) -> dict[str, Any]:
+        """What a measurement on this device depends on: hardware, OS, backend and versions.
+        `volatile=False` leaves out compiler facts that change as a backend's caches fill (a
+        TVM tuning database's id), for naming the host before those caches exist."""
+        backend = get_backend(self.backend)
+        compiler = (backend.compiler(self, volatile) if backend.volatile_compiler_keys
+                    else backend.compiler(self))
         return {
             "cpu_model": cpu_model(),
             "cpu_isa": cpu_isa(),
@@ -61,8 +67,8 @@ class Device:
             "options": self.options,
             "packages": package_versions(),
             "gpus": gpu_info(),
-            "uses_gpu": uses_gpu(self),
-            **backend_fingerprint(self),
+            "uses_gpu": backend.uses_gpu(self),
+            **({"compiler": compiler} if compiler is not None else {}),
         }
 
 
@@ -78,13 +84,11 @@ def fingerprint_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[st
     # a GPU device's latency belongs to its GPU and driver; a CPU device ignores what GPUs exist
     if current.get("uses_gpu") and stored.get("gpus") != current.get("gpus"):
         diffs.append(f"gpus: {stored.get('gpus')!r} → {current.get('gpus')!r}")
-    backend_pkg = {"onnxruntime": "onnxruntime", "tvm": "apache-tvm",
-                   "tensorrt": "tensorrt", "torch": "torch"}.get(current.get("backend", ""))
-    if backend_pkg:
-        a = stored.get("packages", {}).get(backend_pkg)
-        b = current.get("packages", {}).get(backend_pkg)
-        if a != b:
-            diffs.append(f"{backend_pkg}: {a} → {b}")
+    backend = get_backend(current["backend"])
+    a = backend.version(stored.get("packages", {}))
+    b = backend.version(current.get("packages", {}))
+    if a != b:
+        diffs.append(f"{backend.name}: {a} → {b}")
     return diffs
 
 
@@ -139,32 +143,10 @@ def gpu_info() -> list[dict[str, str]]:
     return [dict(g) for g in _gpu_info()]
 
 
-def uses_gpu(device: "Device") -> bool:
-    """Whether `device` runs on a GPU (its fingerprint then must match the GPU too)."""
-    o = device.options
-    gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    return (device.backend == "tensorrt" or o.get("device") == "cuda"
-            or bool(gpu_providers & set(o.get("providers", [])))
-            or str(o.get("target", "")).startswith("cuda"))
-
-
-def backend_fingerprint(device: "Device") -> dict[str, Any]:
-    """{"compiler": …} from the backend module's optional `fingerprint(device)` (TVM: LLVM target
-    and CPU name, tuning budget and database id); {} for backends without one, so tables of
-    those keep their fingerprint unchanged."""
-    import importlib
-
-    from hwnas.backends import BACKENDS  # here, not at the top: hwnas.backends imports this
-
-    fn = getattr(importlib.import_module(BACKENDS[device.backend]), "fingerprint", None) \
-        if device.backend in BACKENDS else None
-    return {"compiler": fn(device)} if fn else {}
-
-
 def package_versions() -> dict[str, str]:
     out = {}
     for pkg in ("hwnas", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu",
-                "apache-tvm", "tensorrt"):
+                "apache-tvm", "tensorrt", "tensorrt-cu12", "tensorrt-cu13"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -96,6 +96,63 @@ class LatencyStats:
         return asdict(self)
 
 
+QUIET_PCT = 3.0  # a round is quiet when the items ran within this much of their best round
+QUIET_MIN = 0.5  # below this fraction of quiet rounds a measurement counts as contended
+
+
+@dataclass(frozen=True)
+class Contention:
+    """How much of a measurement's span the host was quiet (the idea of
+    `tools/host_regimes.py`, from the protocol's own rounds): per round, the median over items
+    of (round median / that item's best round median); `quiet_fraction` is the share of rounds
+    within `QUIET_PCT` of 1. The protocol's latency (the best round) holds while some rounds
+    are quiet; a mostly slow span means the host was busy, and the figure deserves a second
+    look (`--require-quiet` refuses it)."""
+
+    rounds: int
+    quiet_fraction: float
+    median_slowdown_pct: float
+    worst_slowdown_pct: float
+    threshold_pct: float = QUIET_PCT
+
+    @property
+    def contended(self) -> bool:
+        return self.quiet_fraction < QUIET_MIN
+
+    @classmethod
+    def from_rounds(cls, per_item: Sequence[Sequence[Sequence[float]]]) -> "Contention":
+        medians = np.array([[np.median(r) for r in rounds] for rounds in per_item])  # [items, rounds]
+        slow = np.median(medians / medians.min(axis=1, keepdims=True), axis=0) - 1  # [rounds]
+        return cls(int(slow.size), float((slow <= QUIET_PCT / 100).mean()),
+                   float(100 * np.median(slow)), float(100 * slow.max()))
+
+    @classmethod
+    def combine(cls, parts: Sequence["Contention"]) -> "Contention":
+        """Several measurements' records as one (weighted by rounds)."""
+        n = sum(p.rounds for p in parts)
+        if not n:
+            return cls(0, 1.0, 0.0, 0.0)
+        w = [p.rounds / n for p in parts]
+        return cls(n, float(sum(p.quiet_fraction * x for p, x in zip(parts, w))),
+                   float(sum(p.median_slowdown_pct * x for p, x in zip(parts, w))),
+                   float(max(p.worst_slowdown_pct for p in parts)))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "contended": self.contended}
+
+    def line(self) -> str:
+        return (f"host quiet in {100 * self.quiet_fraction:.0f}% of {self.rounds} rounds "
+                f"(median round +{self.median_slowdown_pct:.1f}% over the best)")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one protocol run returns: a `LatencyStats` per item and the host's contention."""
+
+    stats: list[LatencyStats]
+    contention: Contention
+
+
 @dataclass
 class _Item:
     runner: Runner
@@ -130,8 +187,9 @@ def measure_interleaved(runners: Sequence[Runner], protocol: Protocol = Protocol
                         prior_rounds: Sequence[list[list[float]]] | None = None,
                         on_round: Callable[[int, int, list[list[list[float]]]], None]
                         | None = None,
-                        ) -> list[LatencyStats]:
-    """Measure several runners with interleaved rounds; one `LatencyStats` per runner.
+                        ) -> Measurement:
+    """Measure several runners with interleaved rounds: one `LatencyStats` per runner, and how
+    quiet the host was meanwhile.
 
     `prior_rounds[i]` are rounds already recorded for runner i (a resumed run): only the missing
     rounds are measured. `on_round(done, total, all_rounds)` is called after every completed
@@ -161,7 +219,7 @@ def announce_measuring():
             os.unlink(flag)
 
 
-def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> list[LatencyStats]:
+def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> Measurement:
     rng = np.random.default_rng(0)
     items = [_Item(r, r.random_feed(rng)) for r in runners]
     if prior_rounds is not None:
@@ -188,11 +246,12 @@ def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> list[Late
     finally:
         if gc_was_enabled:
             gc.enable()
-    return [LatencyStats.from_rounds(i.rounds[:rounds]) for i in items]
+    kept = [i.rounds[:rounds] for i in items]
+    return Measurement([LatencyStats.from_rounds(r) for r in kept], Contention.from_rounds(kept))
 
 
 def measure(runner: Runner, protocol: Protocol = Protocol()) -> LatencyStats:
-    return measure_interleaved([runner], protocol)[0]
+    return measure_interleaved([runner], protocol).stats[0]
 
 
 def naive_loop_ms(runner: Runner, runs: int = 100) -> float:
@@ -256,5 +315,6 @@ def measure_file(onnx_path: str, device, protocol: Protocol = Protocol(),
     with compile_model(onnx_path, device, module=module) as runner:
         if naive:
             return {"latency_ms": naive_loop_ms(runner), "method": "naive-loop"}
-        stats = measure(runner, protocol)
-    return {"latency_ms": stats.best_ms, "method": "protocol", **stats.to_dict()}
+        m = measure_interleaved([runner], protocol)
+    return {"latency_ms": m.stats[0].best_ms, "method": "protocol", **m.stats[0].to_dict(),
+            "contention": m.contention.to_dict()}

@@ -29,7 +29,7 @@ def test_parse_options_defaults_and_errors(tmp_path, monkeypatch):
     assert o.precision == "fp16" and o.typing == "auto" and o.engine_cache == str(tmp_path)
     for bad, frag in [({"typing": "loose"}, "typing"), ({"workspace_mib": -1}, "workspace"),
                       ({"layer_precisions": {"/stem": "int4"}}, "layer_precisions"),
-                      ({"tactic": 3}, "unknown TensorRT options")]:
+                      ({"tactic": 3}, "unknown TensorRT option")]:
         with pytest.raises(UserError, match=frag):
             parse_options(_dev(**bad))
     with pytest.raises(UserError, match="precision"):

@@ -1,6 +1,7 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,9 @@ def test_bad_arguments(tiny_tables, args, frag):
 
 def test_missing_table_names_the_command(tmp_path):
     assert_user_error(run_cli("predict", *DEV, "--space", "tiny", "--arch", "tiny:0000",
-                              "--tables", tmp_path), "no latency table", "hwnas profile")
+                              "--tables", tmp_path), "no cpu-ort-fp32 table for tiny",
+                      "on this host", "`hwnas profile --device cpu-ort-fp32 --space tiny --input "
+                      "1x3x32x32`")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_row"])
@@ -62,23 +65,20 @@ def test_damaged_table(tables_copy, damage):
         text = text[: len(text) // 2]
     elif damage == "garbage":
         text = text.replace("shuffle5", "shuffle5\x00,,,junk", 1)
-    else:  # a row gone: the op is missing, not the table broken
+    else:  # a row gone: the sidecar's row count says so
         lines = text.splitlines(keepends=True)
         text = "".join(ln for ln in lines if not ln.startswith("xception:1x16x4x4"))
     path.write_text(text)
     proc = run_cli("predict", *DEV, "--space", "tiny", "--arch", "tiny:0333", "--tables",
                    tables_copy)
-    if damage == "delete_row":
-        assert_user_error(proc, "no row for op xception:1x16x4x4",
-                          "hwnas profile --device cpu-ort-fp32 --space tiny --input 1x3x32x32")
-    else:
-        assert_user_error(proc, str(path))
+    assert_user_error(proc, str(path),
+                      *(["rows but its sidecar recorded"] if damage == "delete_row" else []))
     assert path.read_text() == text  # nothing repaired or overwritten behind the user's back
-    # profile refuses to build over a broken table too
-    if damage != "delete_row":
-        assert_user_error(run_cli("profile", *DEV, "--space", "tiny", "--tables", tables_copy,
-                                  "--quiet"), "move it away")
-        assert path.read_text() == text
+    # profile refuses to build over a broken table too (a deleted row is not re-measured
+    # silently, replacing the calibration)
+    assert_user_error(run_cli("profile", *DEV, "--space", "tiny", "--tables", tables_copy,
+                              "--quiet"), "move it away")
+    assert path.read_text() == text
 
 
 def test_fingerprint_mismatch_warns_and_strict_refuses(tables_copy):
@@ -112,13 +112,30 @@ def test_export_and_measure(tmp_path):
     assert m["latency_ms"] > 0 and m["method"] == "protocol"
 
 
-def test_validate_writes_csv_and_plot(tables_copy):
+def test_validate_writes_csv_and_plot(tables_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run folders go to ./hwnas-runs
     d = json.loads(run_cli("validate", *DEV, "--space", "tiny", "--tables", tables_copy,
                            "--n", "4", "--span-s", "0", "--json", "--quiet", check_rc=0).stdout)
     assert d["n"] == 4 and 0 <= d["within_10pct"] <= 1
+    # evidence goes to a new run folder, never over the table's published evidence
+    assert Path(d["csv"]).resolve().is_relative_to(tmp_path / "hwnas-runs")
+    assert not list(_csv(tables_copy).parent.glob("*.validation.*"))
     rows = open(d["csv"]).read().splitlines()
-    assert rows[0] == "arch,predicted_ms,measured_ms,error_pct" and len(rows) == 5
+    assert rows[0] == ("arch,predicted_ms,measured_ms,error_pct,canary_corrected_ms,"
+                       "canary_corrected_error_pct") and len(rows) == 5
     assert open(d["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the canary was timed with the candidates: drift and corrected figures beside the raw
+    assert d["drift"]["canary"] == "tiny:0000" and d["drift"]["now_ms"] > 0
+    assert set(d["canary_corrected"]) >= {"within_5pct", "bias_pct"}
+    assert 0 <= d["contention"]["quiet_fraction"] <= 1
+    again = json.loads(run_cli("validate", *DEV, "--space", "tiny", "--tables", tables_copy,
+                               "--n", "4", "--span-s", "0", "--json", "--quiet",
+                               check_rc=0).stdout)
+    assert Path(again["csv"]).parent != Path(d["csv"]).parent and Path(d["csv"]).is_file()
+    pub = json.loads(run_cli("validate", *DEV, "--space", "tiny", "--tables", tables_copy,
+                             "--n", "4", "--span-s", "0", "--json", "--quiet", "--publish",
+                             check_rc=0).stdout)
+    assert Path(pub["csv"]).parent == _csv(tables_copy).parent
     # calibration candidates are held out
     cal = set(LatencyTable.load(_csv(tables_copy)).meta["calibration"]["archs"])
     assert not cal & {r.split(",")[0] for r in rows[1:]}

@@ -42,8 +42,9 @@ def runners(tiny, device, tmp_path):
 
 def test_interleaved_measurement_of_real_sessions(runners):
     calls = []
-    stats = measure_interleaved(runners, FAST, on_round=lambda d, t, r: calls.append((d, t)))
-    assert len(stats) == 2
+    m = measure_interleaved(runners, FAST, on_round=lambda d, t, r: calls.append((d, t)))
+    stats = m.stats
+    assert len(stats) == 2 and m.contention.rounds == 3
     assert all(s.best_ms > 0 and s.n >= FAST.rounds * FAST.min_reps for s in stats)
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
@@ -52,7 +53,7 @@ def test_resume_measures_only_missing_rounds(runners):
     prior = [[[1e-6, 1e-6]], [[2e-6, 2e-6]]]  # one round each, already recorded
     calls = []
     stats = measure_interleaved(runners, FAST, prior_rounds=prior,
-                                on_round=lambda d, t, r: calls.append(d))
+                                on_round=lambda d, t, r: calls.append(d)).stats
     assert calls == [2, 3]
     assert stats[0].best_ms == 1e-6  # the recorded round is part of the result
 
@@ -77,3 +78,20 @@ def test_measuring_flag_is_held_only_while_timing(runners, tmp_path, monkeypatch
     measure_interleaved(runners, FAST, on_round=lambda d, t, r: seen.append(flag.read_text()))
     assert seen and all(s.strip() == str(os.getpid()) for s in seen)
     assert not flag.exists()
+
+
+def test_contention_counts_rounds_where_every_item_ran_slow():
+    from hwnas.measure import Contention
+
+    quiet = [[[1.0, 1.0]] * 10, [[2.0, 2.0]] * 10]
+    assert Contention.from_rounds(quiet).quiet_fraction == 1.0
+    # the host slows both items by 30% in 6 of 10 rounds: contended
+    slow = [[[1.0]] * 4 + [[1.3]] * 6, [[2.0]] * 4 + [[2.6]] * 6]
+    c = Contention.from_rounds(slow)
+    assert c.quiet_fraction == pytest.approx(0.4) and c.contended
+    assert c.worst_slowdown_pct == pytest.approx(30.0)
+    # one item alone being slow in a round is that item, not the host (median over items)
+    one = [[[1.0]] * 10, [[2.0]] * 5 + [[3.0]] * 5, [[1.0]] * 10]
+    assert Contention.from_rounds(one).quiet_fraction == 1.0
+    both = Contention.combine([Contention.from_rounds(quiet), c])
+    assert both.rounds == 20 and both.quiet_fraction == pytest.approx(0.7)

@@ -74,7 +74,7 @@ def test_adding_rows_measured_elsewhere_is_refused(tables_copy, tiny, device):
     t.rows.pop(next(iter(t.rows)))
     t.meta["fingerprint"]["cpu_model"] = "Another CPU"
     t.save()
-    with pytest.raises(UserError, match="mix machines"):
+    with pytest.raises(UserError, match="would mix them"):
         profile(device, tiny, tiny.default_input, tables_copy, FAST, progress=False)
 
 

@@ -41,7 +41,7 @@ def main() -> None:
         for arch in archs:
             path = export_onnx(space.build(arch), space.default_input, Path(tmp) / "m.onnx")
             runners = [compile_model(path, d) for d in variants.values()]
-            stats = measure_interleaved(runners, Protocol(span_s=args.span_s))
+            stats = measure_interleaved(runners, Protocol(span_s=args.span_s)).stats
             print(f"{arch}: " + "  ".join(f"{name} {s.best_ms:.3f} ms"
                                           for name, s in zip(variants, stats)), flush=True)
             for r in runners:

@@ -132,7 +132,7 @@ def cmd_compare(args) -> dict:
             ref = o.run(feed)[0]
             max_abs.append(float(np.abs(t.run(feed)[0] - ref).max() / np.abs(ref).max()))
             runners += [t, o]
-        stats = measure_interleaved(runners, Protocol())
+        stats = measure_interleaved(runners, Protocol()).stats
     rows = []
     for i, a in enumerate(archs):
         tvm_ms, ort_ms = stats[2 * i].best_ms, stats[2 * i + 1].best_ms

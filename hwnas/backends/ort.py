@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas.backends.base import Runner, TensorSpec
+from hwnas.backends.base import Backend, Runner, TensorSpec
+from hwnas.backends.ort_quant import INT8_OPTIONS
 from hwnas.devices import Device, gpu_info
 from hwnas.errors import UserError, first_line
 
@@ -24,26 +25,57 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
            "tensor(int8)": np.int8}
 
 
-def available(device: Device | None = None) -> tuple[bool, str]:
-    """Whether onnxruntime is importable and, given a device, has the providers it names."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False, "onnxruntime is not installed (pip install onnxruntime)"
-    if device is not None:
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    title = "onnxruntime"
+    packages = ("onnxruntime", "onnxruntime-gpu")
+    precisions = ("fp32", "int8")
+    options = {
+        "graph_optimization": "disable, basic, extended or all (default all)",
+        "providers": "execution providers in order (default [CPUExecutionProvider])",
+        "profile_nodes": "keep onnxruntime's per-node trace for --explain",
+        **INT8_OPTIONS,
+    }
+
+    def _available(self, device: Device | None) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False, "onnxruntime is not installed (pip install onnxruntime)"
+        if device is None:
+            return True, ""
         have = ort.get_available_providers()
         missing = [p for p in device.options.get("providers", ["CPUExecutionProvider"])
                    if p not in have]
         if missing:
             return False, (f"onnxruntime here lacks {', '.join(missing)} (has {', '.join(have)});"
                            " install onnxruntime-gpu on a machine with an NVIDIA GPU")
-        if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(
-                device.options.get("providers", [])) and not gpu_info():
+        if self.uses_gpu(device) and not gpu_info():
             return False, "no NVIDIA GPU found (nvidia-smi lists none)"
-        if device.precision not in ("fp32", "int8"):
-            return False, (f"the onnxruntime backend runs fp32 or int8 models, not "
-                           f"{device.precision!r}")
-    return True, ""
+        return True, ""
+
+    def uses_gpu(self, device: Device) -> bool:
+        return bool(set(GPU_PROVIDERS) & set(device.options.get("providers", [])))
+
+    def _compile(self, onnx_path: str | Path, device: Device, module) -> "OrtRunner":
+        if device.precision == "int8":
+            # static QDQ quantisation at compile time (hwnas/backends/ort_quant.py); onnxruntime
+            # reads the file when the session is made, so the temporary copy can go right after
+            from hwnas.backends.ort_quant import quantize_file
+
+            with tempfile.TemporaryDirectory(prefix="hwnas-int8-") as tmp:
+                try:
+                    qpath = quantize_file(onnx_path, Path(tmp) / "int8.onnx", device)
+                except UserError:
+                    # the quantiser's own message is vague ("incomplete shape inference"); when
+                    # onnxruntime cannot run the fp32 model at all, its error names the op
+                    OrtRunner(onnx_path, device).close()
+                    raise
+                return OrtRunner(qpath, device)
+        return OrtRunner(onnx_path, device)
 
 
 def session_options(device: Device):
@@ -103,24 +135,3 @@ class OrtRunner(Runner):
 
     def close(self):
         self.session = None
-
-
-def compile(onnx_path: str | Path, device: Device) -> OrtRunner:  # noqa: A001 (the Backend verb)
-    ok, why = available(device)
-    if not ok:
-        raise UserError(f"device {device.name} cannot use onnxruntime here: {why}")
-    if device.precision == "int8":
-        # static QDQ quantisation at compile time (hwnas/backends/ort_quant.py); onnxruntime
-        # reads the file when the session is made, so the temporary copy can go right after
-        from hwnas.backends.ort_quant import quantize_file
-
-        with tempfile.TemporaryDirectory(prefix="hwnas-int8-") as tmp:
-            try:
-                qpath = quantize_file(onnx_path, Path(tmp) / "int8.onnx", device)
-            except UserError:
-                # the quantiser's own message is vague ("incomplete shape inference"); when
-                # onnxruntime cannot run the fp32 model at all, its error names the op
-                OrtRunner(onnx_path, device).close()
-                raise
-            return OrtRunner(qpath, device)
-    return OrtRunner(onnx_path, device)

@@ -39,6 +39,14 @@ from hwnas.errors import UserError, first_line
 # by default, which can be newer than the runtime accepts
 MAX_IR_VERSION = 13
 SKIP_CHOICES = ("depthwise", "stem")
+INT8_OPTIONS = {
+    "int8_activation": "uint8 (U8S8, default) or int8 activations",
+    "int8_per_channel": "per-output-channel weight scales (default true)",
+    "int8_skip": "Conv nodes kept in fp32: depthwise, stem",
+    "int8_calibration_samples": "seeded random calibration inputs (default 4)",
+    "int8_seed": "the calibration inputs' seed (default 0)",
+    "int8_symmetric_activations": "symmetric activation ranges (TensorRT needs them)",
+}
 
 
 def _conv_in_channels(model, node) -> int | None:

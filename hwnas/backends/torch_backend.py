@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas.backends.base import Runner, TensorSpec
+from hwnas.backends.base import Backend, Runner, TensorSpec
 from hwnas.devices import Device, gpu_info
 from hwnas.errors import UserError
 
@@ -34,21 +34,41 @@ PRECISIONS = ("fp32", "fp16")
 _OPTIONS = {"device": ("cpu", "cuda"), "mode": ("eager", "compile")}
 
 
-def _options(device: Device) -> tuple[str, str, str]:
-    o = device.options
+class TorchBackend(Backend):
+    name = "torch"
+    title = "torch"
+    packages = ("torch",)
+    precisions = PRECISIONS
     # profile_nodes is accepted for the common device vocabulary; this runner has no per-node
     # profiler wired in (node_profile() is None), which `--explain` reports as such
-    unknown = sorted(set(o) - {"device", "mode", "compile_mode", "profile_nodes"})
-    if unknown:
-        raise UserError(f"device {device.name}: unknown torch options {unknown}; known: device, "
-                        "mode, compile_mode")
+    options = {"device": "cpu or cuda", "mode": "eager or compile",
+               "compile_mode": "torch.compile's mode (default 'default')",
+               "profile_nodes": "accepted; this runner has no per-node profiler"}
+
+    def _available(self, device: Device | None) -> tuple[bool, str]:
+        return available(device)
+
+    def uses_gpu(self, device: Device) -> bool:
+        return device.options.get("device") == "cuda"
+
+    def _compile(self, onnx_path, device: Device, module) -> "TorchRunner":
+        """A runner for `module` on `device`; `onnx_path` gives the input name and shape."""
+        if module is None:
+            raise UserError(f"device {device.name} runs torch modules, not ONNX files: give the "
+                            "model as --space S --arch A (or pass module= to compile_model)")
+        from hwnas.export import load_onnx, onnx_input_shape
+
+        model = load_onnx(onnx_path)
+        return TorchRunner(module, model.graph.input[0].name, onnx_input_shape(model), device)
+
+
+def _options(device: Device) -> tuple[str, str, str]:
+    o = device.options
+    TorchBackend().check_device(device)
     for k, allowed in _OPTIONS.items():
         if o.get(k, allowed[0]) not in allowed:
             raise UserError(f"device {device.name}: {k} {o.get(k)!r} is not one of "
                             f"{', '.join(allowed)}")
-    if device.precision not in PRECISIONS:
-        raise UserError(f"device {device.name}: the torch backend runs "
-                        f"{' or '.join(PRECISIONS)}, not {device.precision!r}")
     return o.get("device", "cpu"), o.get("mode", "eager"), o.get("compile_mode", "default")
 
 
@@ -108,17 +128,3 @@ class TorchRunner(Runner):
 
     def close(self):
         self.module = self._fn = None
-
-
-def compile(onnx_path: str | Path, device: Device, module=None) -> TorchRunner:  # noqa: A001
-    """A runner for `module` on `device`; `onnx_path` gives the input name and static shape."""
-    ok, why = available(device)
-    if not ok:
-        raise UserError(f"device {device.name} cannot use torch here: {why}")
-    if module is None:
-        raise UserError(f"device {device.name} runs torch modules, not ONNX files: give the "
-                        "model as --space S --arch A (or pass module= to compile_model)")
-    from hwnas.export import load_onnx, onnx_input_shape
-
-    model = load_onnx(onnx_path)
-    return TorchRunner(module, model.graph.input[0].name, onnx_input_shape(model), device)

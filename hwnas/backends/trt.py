@@ -49,14 +49,20 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas.backends.base import Runner, TensorSpec
+from hwnas.backends.base import Backend, Runner, TensorSpec
+from hwnas.backends.ort_quant import INT8_OPTIONS
 from hwnas.devices import Device, gpu_info
 from hwnas.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-_OPTION_KEYS = {"typing", "workspace_mib", "layer_precisions", "engine_cache", "profile_nodes",
-                "int8_skip", "int8_per_channel", "int8_calibration_samples", "int8_seed",
-                "int8_activation", "int8_symmetric_activations"}
+_OPTIONS = {
+    "typing": "auto, weak (builder flags, TensorRT 10) or strong (typed graph, TensorRT 11)",
+    "workspace_mib": "builder workspace (default 1024)",
+    "layer_precisions": "ONNX node-name prefix → fp32|fp16",
+    "engine_cache": "engine cache folder (default ~/.cache/hwnas/trt or $HWNAS_TRT_CACHE)",
+    "profile_nodes": "per-layer times through IProfiler",
+    **INT8_OPTIONS,
+}
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,7 @@ class TrtOptions:
 def parse_options(device: Device) -> TrtOptions:
     """The device's TensorRT options, checked; a `UserError` naming the bad one."""
     o = dict(device.options)
-    unknown = sorted(set(o) - _OPTION_KEYS)
-    if unknown:
-        raise UserError(f"device {device.name}: unknown TensorRT options {unknown}; known: "
-                        f"{sorted(_OPTION_KEYS)}")
-    if device.precision not in PRECISIONS:
-        raise UserError(f"device {device.name}: TensorRT precision {device.precision!r} is not "
-                        f"one of {', '.join(PRECISIONS)}")
+    TrtBackend().check_device(device)
     typing = o.get("typing", "auto")
     if typing not in ("auto", "weak", "strong"):
         raise UserError(f"device {device.name}: typing {typing!r} is not auto, weak or strong")
@@ -348,10 +348,25 @@ class TrtRunner(Runner):
         self.context = self.engine = None
 
 
-def compile(onnx_path: str | Path, device: Device) -> TrtRunner:  # noqa: A001
-    ok, why = available(device)
-    if not ok:
-        raise UserError(f"device {device.name} cannot use TensorRT here: {why}")
+class TrtBackend(Backend):
+    name = "tensorrt"
+    title = "TensorRT"
+    packages = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+    precisions = PRECISIONS
+    options = _OPTIONS
+
+    def _available(self, device: Device | None) -> tuple[bool, str]:
+        return available(device)
+
+    def uses_gpu(self, device: Device) -> bool:
+        return True
+
+    def _compile(self, onnx_path, device: Device, module) -> "TrtRunner":
+        return compile_engine(onnx_path, device)
+
+
+def compile_engine(onnx_path: str | Path, device: Device) -> TrtRunner:
+    """Build (or take from the cache) the engine of `onnx_path` for `device`, ready to run."""
     import tensorrt as trt
 
     opts = parse_options(device)

@@ -5,7 +5,7 @@ Device options (all optional):
   ``trials_per_task``  MetaSchedule trials per tunable task (default 64)
   ``database``         tuning-database folder; a relative path is taken from the latency-tables
                        folder (``latency_tables/`` or $HWNAS_TABLES; default
-                       ``<device>/tuning_db``, i.e. beside the device's tables)
+                       ``<device>/<host id>/tuning_db``, i.e. beside this host's tables)
   ``mcpu``             LLVM CPU name (default "host": LLVM's name for this CPU; ``-mcpu=native``
                        is not used because TVM silently falls back to a generic CPU with it)
   ``seed``             the tuner's seed (default 0)
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hwnas.backends.base import Runner, TensorSpec
+from hwnas.backends.base import Backend, Runner, TensorSpec
 from hwnas.devices import Device, repo_dir
 from hwnas.errors import UserError
 
@@ -37,6 +37,35 @@ DEFAULT_TRIALS = 64
 # the tvm-ffi releases whose JSON serialisation of tuning records segfaults (tested here)
 _BAD_FFI = ("0.1.15",)
 _ALIGN = 64  # bytes: TVM's allocation alignment; inputs so aligned are passed without a copy
+
+
+OPTIONS = {
+    "tuning": "metaschedule (tune) or none (TVM's default lowering)",
+    "trials_per_task": f"MetaSchedule trials per tunable task (default {DEFAULT_TRIALS})",
+    "database": "tuning-database folder (default <tables>/<device>/<host>/tuning_db)",
+    "mcpu": "LLVM CPU name (default host: LLVM's name for this CPU)",
+    "seed": "the tuner's seed (default 0)",
+    "profile_nodes": "time every VM call, for --explain",
+}
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+    title = "TVM"
+    packages = ("apache-tvm",)
+    precisions = ("fp32",)
+    options = OPTIONS
+    # the database's id changes as it is filled; the host's build is the target and versions
+    volatile_compiler_keys = ("tuning_database_id",)
+
+    def _available(self, device: Device | None) -> tuple[bool, str]:
+        return available(device)
+
+    def _compile(self, onnx_path, device: Device, module) -> "TvmRunner":
+        return TvmRunner(onnx_path, device)
+
+    def compiler(self, device: Device, volatile: bool = True) -> dict[str, Any]:
+        return fingerprint(device, volatile)
 
 
 def available(device: Device | None = None) -> tuple[bool, str]:
@@ -80,14 +109,7 @@ def _options(device: Device) -> dict[str, Any]:
     if not isinstance(trials, int) or trials <= 0:
         raise UserError(f"device {device.name}: trials_per_task must be a positive integer, "
                         f"got {trials!r}")
-    if device.precision != "fp32":
-        raise UserError(f"device {device.name}: the TVM backend builds fp32 only, not "
-                        f"{device.precision}")
-    known = ("tuning", "trials_per_task", "database", "mcpu", "seed", "profile_nodes")
-    unknown = set(o) - set(known)
-    if unknown:
-        raise UserError(f"device {device.name}: unknown TVM option(s) {sorted(unknown)}; known: "
-                        f"{', '.join(known)}")
+    TvmBackend().check_device(device)
     return {"tuning": tuning, "trials_per_task": trials, "database": o.get("database"),
             "mcpu": o.get("mcpu", "host"), "seed": int(o.get("seed", 0))}
 
@@ -106,11 +128,18 @@ def target_dict(device: Device) -> dict[str, Any]:
 
 
 def database_path(device: Device) -> Path:
-    db = Path(_options(device)["database"] or f"{device.name}/tuning_db")
+    """The tuning database: a device option, or beside this host's tables (kernels tuned on one
+    CPU are not the best for another)."""
+    from hwnas.hosts import host_id
+
+    db = _options(device)["database"]
+    if db is None:
+        db = f"{device.name}/{host_id(device.fingerprint(volatile=False))}/tuning_db"
+    db = Path(db)
     return db if db.is_absolute() else repo_dir("latency_tables", "HWNAS_TABLES") / db
 
 
-def fingerprint(device: Device) -> dict[str, Any]:
+def fingerprint(device: Device, volatile: bool = True) -> dict[str, Any]:
     """What a TVM latency depends on beyond the host: the LLVM target (with the CPU name LLVM
     sees), TVM's versions and, for a tuned device, the budget and the database's identity, so a
     table measured with other kernels never passes for this one."""
@@ -124,6 +153,8 @@ def fingerprint(device: Device) -> dict[str, Any]:
                            "tuning": o["tuning"]}
     if o["tuning"] == "metaschedule":
         out["trials_per_task"] = o["trials_per_task"]
+        if not volatile:
+            return out
         meta = database_path(device) / "meta.json"
         try:
             import json
@@ -307,11 +338,3 @@ def onnx_dtype(elem_type: int):
     import onnx
 
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-
-
-def compile(onnx_path: str | Path, device: Device,  # noqa: A001 (the Backend verb)
-            progress: bool = True) -> TvmRunner:
-    ok, why = available(device)
-    if not ok:
-        raise UserError(f"device {device.name} needs TVM: {why}")
-    return TvmRunner(onnx_path, device, progress)

@@ -90,8 +90,10 @@ class LutPredictor:
     """
 
     def __init__(self, table: LatencyTable, space: SearchSpace, input_shape: Shape | None = None,
-                 calibrated: bool = True):
+                 calibrated: bool = True, scale: float = 1.0):
         self.table, self.space = table, space
+        self.scale = scale  # the host's drift since the table was made (canary now / then)
+        self.calibrated = calibrated
         self.input_shape = tuple(input_shape or table.meta["input_shape"])
         self.calibration = (Calibration.from_dict(table.meta.get("calibration")) if calibrated
                             else Calibration())
@@ -103,6 +105,11 @@ class LutPredictor:
         # [layers, choices]: each op's calibrated contribution
         self.grid_ms = np.array([[cal.slope(k.kind) * self._lookup_or_nan(k) for k in row]
                                  for row in grid])
+
+    def scaled(self, scale: float) -> "LutPredictor":
+        """The same prices multiplied by `scale` (a canary's drift)."""
+        return LutPredictor(self.table, self.space, self.input_shape,
+                            calibrated=self.calibrated, scale=scale)
 
     def _lookup_or_nan(self, key: OpKey) -> float:
         v = self.table.latency_ms(key)
@@ -122,14 +129,14 @@ class LutPredictor:
             if v is None:
                 raise self.missing_error(key)
             total += self.calibration.slope(key.kind) * v
-        return float(total)
+        return float(total) * self.scale
 
     def predict_many(self, archs: np.ndarray | Sequence[Arch]) -> np.ndarray:
         """Predicted latencies (ms) of many candidates: `archs` is [N, layers] ints or Archs."""
         a = (np.asarray([x.choices for x in archs], dtype=np.int64)
              if len(archs) and isinstance(archs[0], Arch) else np.asarray(archs, dtype=np.int64))
         total = (self.calibration.intercept_ms + self.fixed_ms
-                 + self.grid_ms[np.arange(a.shape[1]), a].sum(axis=1))
+                 + self.grid_ms[np.arange(a.shape[1]), a].sum(axis=1)) * self.scale
         if np.isnan(total).any():
             row = a[int(np.flatnonzero(np.isnan(total))[0])]
             self.predict(Arch(self.space.name, tuple(int(c) for c in row)))  # raises, naming it
@@ -138,4 +145,4 @@ class LutPredictor:
     def fastest_ms(self) -> float:
         """The lowest latency any candidate can have (each layer at its fastest choice)."""
         return float(self.calibration.intercept_ms + self.fixed_ms
-                     + np.nanmin(self.grid_ms, 1).sum())
+                     + np.nanmin(self.grid_ms, 1).sum()) * self.scale

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,27 +20,35 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from hwnas.backends import Runner, compile_model
+from hwnas.backends import Runner, compiled
 from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
 from hwnas.errors import UserError
-from hwnas.export import export_onnx
+from hwnas.fileio import atomic_write_text
+from hwnas.hosts import record_host
 from hwnas.latency.predict import fit_calibration
-from hwnas.latency.table import (LatencyTable, atomic_write_text, new_table, table_path)
-from hwnas.measure import LatencyStats, Protocol, measure_interleaved
+from hwnas.latency.table import LatencyTable, new_table, now_iso, table_path
+from hwnas.measure import Contention, LatencyStats, Protocol, measure_interleaved
 from hwnas.spaces.base import Arch, SearchSpace, Shape
+
+
+@dataclass
+class Labelled:
+    """What `measure_labelled` returns: stats by label, the rounds taken over from a journal,
+    and how quiet the host was while the rounds were timed."""
+
+    stats: dict[str, LatencyStats]
+    resumed_rounds: int
+    contention: Contention
 
 
 def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Module, Shape]],
                      device: Device, protocol: Protocol, journal: Path | None = None,
-                     desc: str = "measuring", progress: bool = True,
-                     ) -> tuple[dict[str, LatencyStats], int]:
+                     desc: str = "measuring", progress: bool = True) -> Labelled:
     """Export, compile and measure the items named `labels`, interleaved, resumably.
 
-    `build(label) -> (module, input shape)` makes one item; it is exported with `export_onnx`
-    and compiled for `device` (backends that run torch modules get the module too). With a
-    `journal`, the rounds measured so far are saved after every round and reused when the same
-    labels are measured again.
-    Returns the stats by label and how many rounds were taken over from the journal.
+    `build(label) -> (module, input shape)` makes one item; `backends.compiled` exports and
+    compiles it. With a `journal`, the rounds measured so far are saved after every round and
+    reused when the same labels are measured again with the same protocol.
     """
     prior = None
     if journal is not None and journal.is_file():
@@ -48,18 +56,16 @@ def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Modu
             saved = json.loads(journal.read_text())
             if saved.get("labels") == list(labels) and saved.get("protocol") == protocol.to_dict():
                 prior = saved["rounds"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             prior = None  # an unreadable journal costs only its rounds
     bar = tqdm(total=None, desc=desc, unit="round", disable=not progress, leave=False,
-               mininterval=0.5,
-               dynamic_ncols=True)
-    with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp, contextlib.ExitStack() as stack:
+               mininterval=0.5, dynamic_ncols=True)
+    with contextlib.ExitStack() as stack:
         runners: list[Runner] = []
         for i, label in enumerate(labels):
             bar.set_postfix_str(f"compiling {i + 1}/{len(labels)}")
             module, shape = build(label)
-            path = export_onnx(module, shape, Path(tmp) / f"item{i}.onnx")
-            runners.append(stack.enter_context(compile_model(path, device, module=module)))
+            runners.append(stack.enter_context(compiled(module, shape, device)))
         bar.set_postfix_str("")
 
         def on_round(done: int, total: int, rounds) -> None:
@@ -72,9 +78,24 @@ def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Modu
                                                        "protocol": protocol.to_dict(),
                                                        "rounds": rounds}))
 
-        stats = measure_interleaved(runners, protocol, prior_rounds=prior, on_round=on_round)
+        m = measure_interleaved(runners, protocol, prior_rounds=prior, on_round=on_round)
     bar.close()
-    return dict(zip(labels, stats)), len(prior[0]) if prior else 0
+    return Labelled(dict(zip(labels, m.stats)), len(prior[0]) if prior else 0, m.contention)
+
+
+def contention_check(c: Contention, what: str, require_quiet: bool,
+                     journal: Path | None = None) -> None:
+    """Warn about a measurement taken on a busy host; with `require_quiet`, refuse it (its
+    journal is dropped, so a rerun measures afresh instead of resuming the busy rounds)."""
+    if not c.contended:
+        return
+    msg = (f"{what} was measured on a busy host: {c.line()}; its figures may be off. Check the "
+           "host with `python tools/host_regimes.py` and rerun when it is quiet")
+    if require_quiet:
+        if journal is not None:
+            journal.unlink(missing_ok=True)
+        raise UserError(msg + " (--require-quiet: nothing was saved)")
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 @dataclass
@@ -87,17 +108,20 @@ class ProfileReport:
 
     def to_dict(self) -> dict:
         cal = self.table.meta.get("calibration") or {}
-        return {"table": str(self.table.path), "rows": len(self.table.rows),
+        return {"table": str(self.table.path), "host": self.table.host,
+                "rows": len(self.table.rows),
                 "measured_ops": self.measured_ops, "reused_ops": self.reused_ops,
                 "calibrated_now": self.calibrated, "resumed_rounds": self.resumed_rounds,
                 "calibration": {k: cal.get(k) for k in ("intercept_ms", "slopes",
-                                                        "fit_max_abs_err_pct")}}
+                                                        "fit_max_abs_err_pct")},
+                "canary": self.table.meta.get("canary"),
+                "contention": self.table.meta.get("contention")}
 
 
 def open_table(root: Path, device: Device, space: SearchSpace, input_shape: Shape,
                protocol: Protocol) -> LatencyTable:
-    """The table to extend: the existing one (checked) or a new, empty one."""
-    path = table_path(root, device.name, space.name, input_shape)
+    """This host's table to extend: the existing one (checked) or a new, empty one."""
+    path = table_path(root, device, space.name, input_shape)
     if not path.exists():
         return new_table(path, device, space.name, input_shape, protocol.to_dict())
     table = LatencyTable.load(path)
@@ -111,29 +135,35 @@ def open_table(root: Path, device: Device, space: SearchSpace, input_shape: Shap
 
 def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
             protocol: Protocol = Protocol(), calibration_n: int = 20, seed: int = 0,
-            progress: bool = True) -> ProfileReport:
-    """Measure every unique op key of `space` at `input_shape` that the table lacks, then
-    calibrate on `calibration_n` whole random candidates (seeded). Resumes where it stopped."""
-    if 0 < calibration_n < len(space.choice_names) + 2:
+            progress: bool = True, require_quiet: bool = False) -> ProfileReport:
+    """Measure every unique op key of `space` at `input_shape` that this host's table lacks,
+    then calibrate on `calibration_n` whole random candidates (seeded) and time the canary.
+    Resumes where it stopped."""
+    if calibration_n < 0 or 0 < calibration_n < space.num_kinds() + 2:
         raise UserError(f"--calibration-n must be 0 (no calibration) or at least "
-                        f"{len(space.choice_names) + 2} (an intercept and a slope per choice)")
+                        f"{space.num_kinds() + 2} (an intercept and a slope per choice)")
     table = open_table(root, device, space, input_shape, protocol)
     keys = {str(k): k for k in space.unique_op_keys(input_shape, device.precision)}
     todo = [k for k in keys if k not in table.rows]
     if todo and table.rows:
         diffs = fingerprint_diff(table.meta["fingerprint"], device.fingerprint())
         if diffs:
-            raise UserError(f"latency table {table.path} was measured on another machine "
-                            f"({'; '.join(diffs)}); adding rows here would mix machines: pass "
+            raise UserError(f"latency table {table.path} was measured with another setup "
+                            f"({'; '.join(diffs)}); adding rows here would mix them: pass "
                             "--tables DIR to build a separate table")
+    contention = table.meta.setdefault("contention", {})
     if todo:
         journal = table.path.with_suffix(".partial.json")
-        stats, resumed = measure_labelled(todo, lambda k: (space.build_op(keys[k]), keys[k].in_shape),
-                                          device, protocol, journal,
-                                 desc=f"profiling {len(todo)} ops of {space.name}",
-                                 progress=progress)
-        table.rows.update(stats)
+        got = measure_labelled(todo, lambda k: (space.build_op(keys[k]), keys[k].in_shape),
+                               device, protocol, journal,
+                               desc=f"profiling {len(todo)} ops of {space.name}",
+                               progress=progress)
+        contention_check(got.contention, f"{table.path.name}'s ops", require_quiet, journal)
+        table.rows.update(got.stats)
+        resumed = got.resumed_rounds
+        contention["ops"] = got.contention.to_dict()
         table.meta["calibration"] = None  # the rows changed: the old fit no longer applies
+        table.meta["canary"] = None
         table.meta["fingerprint"] = device.fingerprint()
         table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
         table.save()
@@ -142,12 +172,31 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         resumed = 0
         # a run killed between saving its rows and removing its journal leaves one behind
         table.path.with_suffix(".partial.json").unlink(missing_ok=True)
+    record_host(root, table.meta["fingerprint"], device.name, table.meta["created"])
     calibrated = False
     if table.meta.get("calibration") is None and calibration_n > 0:
         resumed += calibrate(table, device, space, input_shape, protocol, calibration_n, seed,
-                             progress)
+                             progress, require_quiet)
         calibrated = True
+    if not table.meta.get("canary"):
+        got = measure_labelled([str(space.canary())], candidate_builder(space, input_shape),
+                               device, protocol, progress=False)
+        contention_check(got.contention, "the canary", require_quiet)
+        set_canary(table, space, got.stats)
+        table.save()
     return ProfileReport(table, len(todo), len(keys) - len(todo), calibrated, resumed)
+
+
+CANARY_WHAT = ("a fixed reference candidate (choice 0 at every layer) timed with the table; "
+               "timing it again later and dividing gives the host's drift since the table was "
+               "made (`--canary report|correct`)")
+
+
+def set_canary(table: LatencyTable, space: SearchSpace, stats: dict[str, LatencyStats],
+               source: str = "measured with the table") -> None:
+    arch = str(space.canary())
+    table.meta["canary"] = {"arch": arch, "latency_ms": stats[arch].best_ms,
+                            "measured": now_iso(), "source": source, "what": CANARY_WHAT}
 
 
 def candidate_builder(space: SearchSpace, input_shape: Shape):
@@ -156,28 +205,31 @@ def candidate_builder(space: SearchSpace, input_shape: Shape):
 
 
 def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
-    """The uniform candidates (every layer one choice: the extremes give the fit leverage),
-    then seeded random ones up to `n`."""
-    uniform = [space.arch([c] * space.num_layers) for c in range(len(space.choice_names))]
+    """The uniform candidates (every layer one choice: the extremes give the fit leverage; the
+    first is the canary), then seeded random ones up to `n`."""
+    uniform = space.uniform_archs()
     rest = space.sample_distinct(n - len(uniform), np.random.default_rng(seed),
                                  exclude={str(a) for a in uniform})
     return uniform + rest
 
 
 def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_shape: Shape,
-              protocol: Protocol, n: int, seed: int, progress: bool = True) -> int:
-    """Measure `n` whole candidates and store the fitted calibration in the sidecar.
-    Returns the rounds resumed from an interrupted calibration."""
+              protocol: Protocol, n: int, seed: int, progress: bool = True,
+              require_quiet: bool = False) -> int:
+    """Measure `n` whole candidates, store the fitted calibration and the canary (one of them)
+    in the sidecar. Returns the rounds resumed from an interrupted calibration."""
     archs = calibration_archs(space, n, seed)
     labels = [str(a) for a in archs]
     journal = table.path.with_suffix(".calibration.partial.json")
-    stats, resumed = measure_labelled(labels, candidate_builder(space, input_shape), device,
-                                      protocol, journal,
-                                      desc=f"calibrating on {n} candidates", progress=progress)
-    cal = fit_calibration(space, table, input_shape, archs, [stats[l].best_ms for l in labels])
+    got = measure_labelled(labels, candidate_builder(space, input_shape), device, protocol,
+                           journal, desc=f"calibrating on {n} candidates", progress=progress)
+    contention_check(got.contention, f"{table.path.name}'s calibration", require_quiet, journal)
+    cal = fit_calibration(space, table, input_shape, archs,
+                          [got.stats[lb].best_ms for lb in labels])
     table.meta["calibration"] = cal.to_dict()
     table.meta["calibration_seed"] = seed
+    table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
+    set_canary(table, space, got.stats, "measured with the calibration")
     table.save()
     journal.unlink(missing_ok=True)
-    return resumed
-
+    return got.resumed_rounds

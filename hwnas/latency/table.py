@@ -12,16 +12,16 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hwnas.devices import Device, fingerprint_diff, repo_dir
+from hwnas.devices import Device, fingerprint_diff, load_device, repo_dir
 from hwnas.errors import UserError
+from hwnas.fileio import atomic_write_text
+from hwnas.hosts import check_host_id, host_id, known_hosts
 from hwnas.measure import LatencyStats
 from hwnas.spaces.base import OpKey, Shape
 
@@ -38,27 +38,66 @@ def shape_text(shape: Shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def table_path(root: Path, device: str, space: str, input_shape: Shape) -> Path:
-    return Path(root) / device / f"{space}_{shape_text(input_shape)}.csv"
+def table_name(space: str, input_shape: Shape) -> str:
+    return f"{space}_{shape_text(input_shape)}.csv"
+
+
+def host_dir(root: Path, device: Device | str, host: str | None = None) -> Path:
+    """``<root>/<device>/<host>/``: a device's tables (and evidence) on one host; `host`
+    defaults to this host's id."""
+    if isinstance(device, str):
+        device = load_device(device)
+    return Path(root) / device.name / (host or host_id(device.fingerprint()))
+
+
+def table_path(root: Path, device: Device | str, space: str, input_shape: Shape,
+               host: str | None = None) -> Path:
+    """``<root>/<device>/<host>/<space>_<NxCxHxW>.csv``; `host` defaults to this host's id."""
+    return host_dir(root, device, host) / table_name(space, input_shape)
+
+
+def profile_command(device: str, space: str, input_shape: Shape) -> str:
+    return f"hwnas profile --device {device} --space {space} --input {shape_text(input_shape)}"
+
+
+def locate_table(root: Path, device: Device, space: str, input_shape: Shape,
+                 host: str | None = None) -> Path:
+    """The table to price with: this host's, or `host`'s when forced (with a warning).
+
+    Without this host's table, a `UserError` names the exact `hwnas profile` command, and the
+    hosts that do have one (for `--host`); an old-layout table (before hosts) asks for
+    `hwnas tables migrate`."""
+    root = Path(root)
+    here = host_id(device.fingerprint())
+    name = table_name(space, input_shape)
+    legacy = root / device.name / name
+    if legacy.is_file():
+        raise UserError(f"{legacy} is a table from before tables were kept per host; move it "
+                        f"under its host with `hwnas tables migrate --tables {root}`")
+    if host is not None:
+        check_host_id(host)
+        known = known_hosts(root, device.name)
+        if host not in known:
+            raise UserError(f"unknown host id {host!r} for device {device.name}; hosts with "
+                            f"tables: {', '.join(known) or 'none'} (`hwnas tables`)")
+        if host != here:
+            print(f"warning: pricing with host {host}'s table, not this host's ({here}): "
+                  "latencies measured on another machine may not hold here", file=sys.stderr)
+        return root / device.name / host / name
+    path = root / device.name / here / name
+    if not path.is_file():
+        others = [h for h in known_hosts(root, device.name)
+                  if (root / device.name / h / name).is_file()]
+        hint = (f"; or use another host's table with --host ID (at your own risk): "
+                f"{', '.join(others)}" if others else "")
+        raise UserError(f"no {device.name} table for {space} @ {shape_text(input_shape)} on this "
+                        f"host ({here}); build it with `{profile_command(device.name, space, input_shape)}`"
+                        f"{hint}")
+    return path
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -76,6 +115,10 @@ class LatencyTable:
     @property
     def device(self) -> str:
         return self.meta["device"]
+
+    @property
+    def host(self) -> str:
+        return self.meta["host"]
 
     @property
     def precision(self) -> str:
@@ -117,6 +160,9 @@ class LatencyTable:
             for k in ("device", "space", "input_shape", "fingerprint", "protocol"):
                 if k not in meta:
                     raise ValueError(f"missing {k!r}")
+            if not isinstance(meta.get("host"), str):
+                raise ValueError("it names no host (a table from before tables were kept per "
+                                 "host: `hwnas tables migrate` moves it under its host)")
         except FileNotFoundError:
             raise UserError(f"latency table {path} has no sidecar {sidecar.name}; {fix}") from None
         except (ValueError, UnicodeDecodeError) as e:
@@ -150,6 +196,9 @@ class LatencyTable:
             if key in rows:
                 raise UserError(f"latency table {path} line {lineno}: duplicate key {key}; {fix}")
             rows[key] = stats
+        if isinstance(meta.get("rows"), int) and meta["rows"] != len(rows):
+            raise UserError(f"latency table {path} has {len(rows)} rows but its sidecar recorded "
+                            f"{meta['rows']}: rows were added or deleted by hand; {fix}")
         return cls(path, meta, rows)
 
     def check_fingerprint(self, device: Device, strict: bool = False) -> list[str]:
@@ -167,8 +216,9 @@ class LatencyTable:
 
 def new_table(path: Path, device: Device, space: str, input_shape: Shape,
               protocol: dict[str, Any]) -> LatencyTable:
-    meta = {"format": FORMAT, "device": device.name, "space": space,
-            "input_shape": list(input_shape), "fingerprint": device.fingerprint(),
+    fp = device.fingerprint()
+    meta = {"format": FORMAT, "device": device.name, "host": host_id(fp), "space": space,
+            "input_shape": list(input_shape), "fingerprint": fp,
             "protocol": protocol, "created": now_iso(),
             "statistic": "latency_ms = best_ms: the lowest per-round median of the protocol",
             "calibration": None}

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,30 @@ from scipy import stats as sstats
 from tqdm import tqdm
 
 from hwnas.devices import Device
+from hwnas.fileio import atomic_path, atomic_write_text
+from hwnas.latency.lookup import drift_from
 from hwnas.latency.predict import LutPredictor
-from hwnas.latency.profile import candidate_builder, measure_labelled
-from hwnas.latency.table import atomic_write_text, shape_text
-from hwnas.measure import Protocol
+from hwnas.latency.profile import candidate_builder, contention_check, measure_labelled
+from hwnas.latency.table import shape_text
+from hwnas.measure import Contention, Protocol
+
+
+def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    """Fidelity figures of predictions against measurements (errors in % of measured)."""
+    err = (predicted / measured - 1) * 100
+    a = np.abs(err)
+    rho = (float(sstats.spearmanr(predicted, measured).statistic) if len(a) > 2
+           else float("nan"))
+    return {"within_5pct": float((a <= 5).mean()), "within_10pct": float((a <= 10).mean()),
+            "mean_abs_err_pct": float(a.mean()), "p95_abs_err_pct": float(np.percentile(a, 95)),
+            "bias_pct": float(err.mean()), "spearman_rho": rho}
 
 
 @dataclass
 class ValidationReport:
     device: str
+    host: str
+    table: str
     space: str
     input_shape: list[int]
     n: int
@@ -38,6 +54,10 @@ class ValidationReport:
     bias_pct: float  # mean signed error (predicted above measured is positive)
     spearman_rho: float
     noise_floor_pct: float | None  # between-process CV from `hwnas noise`, if measured
+    contention: dict  # how quiet the host was while the candidates were timed
+    drift: dict | None  # the canary, timed interleaved with the candidates, vs the table's
+    canary_corrected: dict | None  # the figures above with predictions scaled by the drift
+    table_age_h: float | None  # hours between the table's canary and this validation
     csv: str
     plot: str
 
@@ -47,79 +67,127 @@ class ValidationReport:
     def lines(self) -> list[str]:
         nf = (f"{self.noise_floor_pct:.2f}%" if self.noise_floor_pct is not None
               else "not measured (run `hwnas noise`)")
-        return [f"{self.space} @ {'x'.join(map(str, self.input_shape))} on {self.device}: "
-                f"{self.n} held-out candidates (seed {self.seed})",
-                f"  within ±5%:  {100 * self.within_5pct:5.1f}%",
-                f"  within ±10%: {100 * self.within_10pct:5.1f}%",
-                f"  mean |error|: {self.mean_abs_err_pct:.2f}%   p95 |error|: "
-                f"{self.p95_abs_err_pct:.2f}%   bias: {self.bias_pct:+.2f}%",
-                f"  Spearman rho: {self.spearman_rho:.4f}",
+        out = [f"{self.space} @ {'x'.join(map(str, self.input_shape))} on {self.device}, host "
+               f"{self.host}: {self.n} held-out candidates (seed {self.seed})"]
+        figs = [("as priced", self.to_dict())]
+        if self.canary_corrected:
+            figs.append(("canary-corrected", self.canary_corrected))
+        for name, f in figs:
+            out += [f"  {name}: within ±5% {100 * f['within_5pct']:.1f}%, within ±10% "
+                    f"{100 * f['within_10pct']:.1f}%, mean |error| {f['mean_abs_err_pct']:.2f}%, "
+                    f"p95 {f['p95_abs_err_pct']:.2f}%, bias {f['bias_pct']:+.2f}%, "
+                    f"Spearman rho {f['spearman_rho']:.4f}"]
+        if self.drift:
+            age = f", table {self.table_age_h:.1f} h old" if self.table_age_h is not None else ""
+            out.append(f"  canary drift: {self.drift['drift_pct']:+.2f}%{age}")
+        out += [f"  contention: {Contention(**{k: v for k, v in self.contention.items() if k != 'contended'}).line()}",
                 f"  noise floor:  {nf}",
                 f"  rows: {self.csv}   plot: {self.plot}"]
+        return out
 
 
 def noise_floor_pct(noise_file: Path) -> float | None:
     try:
         return 100 * json.loads(noise_file.read_text())["protocol"]["cv"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+DEFAULT_NOISE_PCT = 3.0  # the tolerance where `hwnas noise --publish` has not been run
+
+
+def budget_verdict(measured_ms: float, budget_ms: float, noise_file: Path) -> dict:
+    """The one budget check: a measured latency keeps `budget_ms` when it is within the
+    device's published noise floor of it (3% where none is published)."""
+    noise = noise_floor_pct(noise_file)
+    tol = noise if noise is not None else DEFAULT_NOISE_PCT
+    return {"budget_ms": budget_ms, "measured_ms": measured_ms, "noise_floor_pct": noise,
+            "tolerance_pct": tol, "keeps_budget": measured_ms <= budget_ms * (1 + tol / 100)}
+
+
+def _age_h(then: str) -> float | None:
+    try:
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(then)).total_seconds() / 3600
+    except (TypeError, ValueError):
         return None
 
 
 def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_prefix: Path,
              noise_file: Path | None = None, protocol: Protocol = Protocol(), group: int = 100,
-             progress: bool = True) -> ValidationReport:
-    """Measure `n` held-out candidates; write ``<out_prefix>.validation.{csv,png}``."""
-    space, shape = predictor.space, predictor.input_shape
-    archs = space.sample_distinct(n, np.random.default_rng(seed), set(predictor.calibration.archs))
+             progress: bool = True, canary: bool = True,
+             require_quiet: bool = False) -> ValidationReport:
+    """Measure `n` held-out candidates (and, with `canary`, the table's canary interleaved with
+    every group, for the drift since the table was made); write
+    ``<out_prefix>.validation.{csv,png}``."""
+    space, shape, table = predictor.space, predictor.input_shape, predictor.table
+    canary_arch = (table.meta.get("canary") or {}).get("arch") if canary else None
+    exclude = set(predictor.calibration.archs) | ({canary_arch} if canary_arch else set())
+    archs = space.sample_distinct(n, np.random.default_rng(seed), exclude)
     predicted = predictor.predict_many(archs)
-    measured = np.zeros(len(archs))
+    measured, ratio = np.zeros(len(archs)), np.ones(len(archs))
+    parts, canary_now = [], []
     bar = tqdm(total=len(archs), desc="validating", unit="cand", disable=not progress,
                dynamic_ncols=True)
     for start in range(0, len(archs), group):
         chunk = [str(a) for a in archs[start:start + group]]
-        stats, _ = measure_labelled(chunk, candidate_builder(space, shape), device, protocol,
-                                    progress=False)
-        measured[start:start + len(chunk)] = [stats[l].best_ms for l in chunk]
+        got = measure_labelled(chunk + ([canary_arch] if canary_arch else []),
+                               candidate_builder(space, shape), device, protocol,
+                               progress=False)
+        measured[start:start + len(chunk)] = [got.stats[lb].best_ms for lb in chunk]
+        if canary_arch:
+            now = got.stats[canary_arch].best_ms
+            canary_now.append(now)
+            ratio[start:start + len(chunk)] = drift_from(table, now).ratio
+        parts.append(got.contention)
         bar.update(len(chunk))
     bar.close()
+    contention = Contention.combine(parts)
+    contention_check(contention, "this validation", require_quiet)
     err = (predicted / measured - 1) * 100
-    abs_err = np.abs(err)
-    csv_path = out_prefix.with_suffix(".validation.csv")
-    png_path = out_prefix.with_suffix(".validation.png")
+    corrected = predicted * ratio
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["arch", "predicted_ms", "measured_ms", "error_pct"])
-    for a, p, m, e in zip(archs, predicted, measured, err):
-        w.writerow([str(a), f"{p:.4f}", f"{m:.4f}", f"{e:+.2f}"])
+    w.writerow(["arch", "predicted_ms", "measured_ms", "error_pct"]
+               + (["canary_corrected_ms", "canary_corrected_error_pct"] if canary_arch else []))
+    for a, p, m, e, c in zip(archs, predicted, measured, err, corrected):
+        w.writerow([str(a), f"{p:.4f}", f"{m:.4f}", f"{e:+.2f}"]
+                   + ([f"{c:.4f}", f"{(c / m - 1) * 100:+.2f}"] if canary_arch else []))
+    csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
+    png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
     atomic_write_text(csv_path, buf.getvalue())
+    drift = (drift_from(table, float(np.median(canary_now))).to_dict() if canary_arch
+             else None)
     report = ValidationReport(
-        device=device.name, space=space.name, input_shape=list(shape), n=len(archs), seed=seed,
-        within_5pct=float((abs_err <= 5).mean()), within_10pct=float((abs_err <= 10).mean()),
-        mean_abs_err_pct=float(abs_err.mean()), p95_abs_err_pct=float(np.percentile(abs_err, 95)),
-        bias_pct=float(err.mean()),
-        spearman_rho=float(sstats.spearmanr(predicted, measured).statistic) if len(archs) > 2
-        else float("nan"),
+        device=device.name, host=table.host, table=str(table.path), space=space.name,
+        input_shape=list(shape), n=len(archs), seed=seed, **metrics(predicted, measured),
         noise_floor_pct=noise_floor_pct(noise_file) if noise_file else None,
+        contention=contention.to_dict(), drift=drift,
+        canary_corrected=metrics(corrected, measured) if canary_arch else None,
+        table_age_h=_age_h(table.meta["canary"]["measured"]) if canary_arch else None,
         csv=str(csv_path), plot=str(png_path))
-    scatter_plot(predicted, measured, report, png_path)
+    scatter_plot(predicted, measured, report, png_path,
+                 corrected if canary_arch else None)
     return report
 
 
 def scatter_plot(predicted: np.ndarray, measured: np.ndarray, report: ValidationReport,
-                 path: Path) -> None:
+                 path: Path, corrected: np.ndarray | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
-    lo = float(min(predicted.min(), measured.min())) * 0.95
-    hi = float(max(predicted.max(), measured.max())) * 1.05
+    every = np.concatenate([predicted, measured] + ([corrected] if corrected is not None else []))
+    lo, hi = float(every.min()) * 0.95, float(every.max()) * 1.05
     xs = np.linspace(lo, hi, 2)
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.10, label="±10%")
     ax.fill_between(xs, xs * 0.95, xs * 1.05, color="tab:green", alpha=0.20, label="±5%")
     ax.plot(xs, xs, color="black", lw=0.8)
-    ax.scatter(measured, predicted, s=14, color="tab:blue", zorder=3)
+    ax.scatter(measured, predicted, s=14, color="tab:blue", zorder=3, label="as priced")
+    if corrected is not None:
+        ax.scatter(measured, corrected, s=10, color="tab:orange", zorder=4, marker="x",
+                   label=f"canary-corrected ({report.drift['drift_pct']:+.1f}% drift)")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured latency (ms)")
@@ -130,10 +198,6 @@ def scatter_plot(predicted: np.ndarray, measured: np.ndarray, report: Validation
                  fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwnas.errors import UserError
+from hwnas.measure import Protocol
 from hwnas.search import METHODS, SearchResult
 
 
@@ -30,6 +31,8 @@ class SearchConfig:
     out: Path | None = None  # prefix of <out>.json, <out>.png, <out>.state.json
     verify: bool = False
     strict: bool = False
+    host: str | None = None  # another host's table, forced
+    canary: str = "off"  # off | report | correct (re-time the canary before searching)
     val_n: int | None = None  # held-out images per score (default: the whole val split)
     bn_batches: int = 4
     progress: bool = True
@@ -49,7 +52,7 @@ def default_out(cfg: SearchConfig) -> Path:
 def run_search(cfg: SearchConfig) -> SearchResult:
     from hwnas.data import load_data
     from hwnas.devices import load_device
-    from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
+    from hwnas.latency.lookup import open_predictor
     from hwnas.spaces import get_space
     from hwnas.train import SupernetScorer, load_supernet
     from hwnas.train.supernet import base_name
@@ -60,10 +63,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         raise UserError(f"--budget-ms must be positive, got {cfg.budget_ms}")
     device, space = load_device(cfg.device), get_space(cfg.space)
     shape = cfg.input_shape or space.default_input
-    table = LatencyTable.load(table_path(cfg.tables or tables_dir(), device.name, space.name,
-                                         shape))
-    table.check_fingerprint(device, strict=cfg.strict)
-    lut = LutPredictor(table, space, shape)
+    lut, drift = open_predictor(device, space, shape, cfg.tables, cfg.host, cfg.strict,
+                                cfg.canary, cfg.protocol or Protocol())
+    table = lut.table
     if lut.fastest_ms() > cfg.budget_ms:  # before loading anything heavy
         from hwnas.search import infeasible_error
         raise infeasible_error(cfg.budget_ms, lut.fastest_ms(), space.name)
@@ -83,7 +85,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                                  progress=cfg.progress, **cfg.options)
     result = search.run()
     result.context = {
-        "device": device.name, "table": str(table.path), "input_shape": list(shape),
+        "device": device.name, "table": str(table.path), "host": table.host,
+        "drift": drift.to_dict() if drift else None, "input_shape": list(shape),
         "supernet": str(cfg.supernet), "supernet_space": meta["space"],
         "supernet_step": meta["step"], "proxy_data": splits.describe(),
         "mapping": f"{space.name} arch digits scored as {meta['space']} at "
@@ -103,15 +106,13 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 def verify_pick(result: SearchResult, device, space, shape, out: Path, protocol=None) -> dict:
     """Export the pick (`hwnas.export.export_onnx`), measure it with the protocol, compare."""
     from hwnas.export import export_onnx
-    from hwnas.latency.validate import noise_floor_pct
-    from hwnas.measure import Protocol, measure_file
+    from hwnas.latency.validate import budget_verdict
+    from hwnas.measure import measure_file
 
     arch = space.parse(result.best_arch)
     onnx_path = export_onnx(space.build(arch), shape, _file(out, ".onnx"))
     measured = measure_file(str(onnx_path), device, protocol or Protocol())["latency_ms"]
-    noise = noise_floor_pct(Path(result.context["table"]).parent / "noise.json")
-    tol = (noise if noise is not None else 3.0) / 100  # 3%: no `hwnas noise` report yet
-    return {"onnx": str(onnx_path), "measured_ms": measured,
-            "predicted_ms": result.predicted_latency_ms, "budget_ms": result.budget_ms,
-            "error_pct": 100 * (result.predicted_latency_ms / measured - 1),
-            "noise_floor_pct": noise, "keeps_budget": measured <= result.budget_ms * (1 + tol)}
+    verdict = budget_verdict(measured, result.budget_ms,
+                             Path(result.context["table"]).parent / "noise.json")
+    return {"onnx": str(onnx_path), "predicted_ms": result.predicted_latency_ms,
+            "error_pct": 100 * (result.predicted_latency_ms / measured - 1), **verdict}

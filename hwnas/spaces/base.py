@@ -127,6 +127,19 @@ class SearchSpace:
                             f"({', '.join(self.choice_names)})")
         return Arch(self.name, choices)
 
+    def canary(self) -> Arch:
+        """The reference candidate a table is re-timed by: choice 0 at every layer."""
+        return Arch(self.name, (0,) * self.num_layers)
+
+    def uniform_archs(self) -> list[Arch]:
+        """One candidate per choice with that choice at every layer (the extremes of the
+        space); the first is the canary."""
+        return [Arch(self.name, (c,) * self.num_layers) for c in range(len(self.choice_names))]
+
+    def num_kinds(self) -> int:
+        """How many op kinds the layers choose among (one calibration slope each)."""
+        return len(self.choice_names)
+
     def arch(self, choices: Sequence[int]) -> Arch:
         return self.parse(self.name + ":" + "".join(str(int(c)) for c in choices))
 
