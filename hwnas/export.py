@@ -13,9 +13,7 @@ one is gone.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from hwnas.errors import UserError
+from hwnas.fileio import atomic_path
 from hwnas.spaces.base import Shape
 
 OPSET = 17
@@ -40,25 +39,18 @@ def export_onnx(module: nn.Module, input_shape: Shape, path: str | Path,
     is replaced only then.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     x = torch.zeros(input_shape)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".onnx") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
             kwargs = dict(input_names=[INPUT_NAME], output_names=output_names,
                           opset_version=OPSET, do_constant_folding=True)
             try:
-                torch.onnx.export(module, (x,), tmp, dynamo=False, **kwargs)
+                torch.onnx.export(module, (x,), str(tmp), dynamo=False, **kwargs)
             except TypeError:  # a torch without the legacy path
-                torch.onnx.export(module, (x,), tmp, **kwargs)
-        onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                torch.onnx.export(module, (x,), str(tmp), **kwargs)
+        onnx.checker.check_model(str(tmp), full_check=True)
     return path
 
 

@@ -33,6 +33,15 @@ def tiny_tables(tmp_path_factory, device, tiny):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_mixed_tables(tmp_path_factory, device):
+    """A calibrated LUT of the per-layer-choice space `tiny-mixed`."""
+    root = tmp_path_factory.mktemp("mixed_tables")
+    space = get_space("tiny-mixed")
+    profile(device, space, space.default_input, root, FAST, calibration_n=7, progress=False)
+    return root
+
+
 @pytest.fixture
 def tables_copy(tiny_tables, tmp_path):
     """A private copy of the tiny LUT that a test may damage."""

@@ -7,7 +7,8 @@ import pytest
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.latency import LatencyTable, LutPredictor, table_path
-from hwnas.latency.explain import explain_arch, per_layer_ms, tvm_layers
+from hwnas.backends.tvm import tvm_layers
+from hwnas.latency.explain import explain_arch, per_layer_ms
 
 from conftest import run_cli
 

@@ -4,7 +4,7 @@ import torch
 
 from hwnas.errors import UserError
 from hwnas.spaces import SPACES, OpKey, count_macs, get_space
-from hwnas.spaces.shufflenet import split_shuffle
+from hwnas.spaces.layers import split_shuffle
 
 ALL = list(SPACES)
 
@@ -41,9 +41,11 @@ def test_mutation_always_changes_a_resampled_layer():
 
 
 @pytest.mark.parametrize("text,why", [
-    ("det20:0123", "exactly 20 digits"),
+    ("det20:0123", "exactly 20 tokens"),
     ("det20:01230123012301230124", "out of range"),
-    ("det20:0123012301230123012x", "exactly 20 digits"),
+    ("det20:0123012301230123012x", "choice x at layer 19 is out of range"),
+    ("det20:0123012301230123012X", "exactly 20 tokens"),
+    ("det20:0123012301230123012\u0663", "exactly 20 tokens"),  # a non-ASCII digit
     ("det40:01230123012301230123", "belongs to space"),
 ])
 def test_bad_arch_strings(text, why):
@@ -76,7 +78,7 @@ def test_op_keys_walk_matches_the_built_model(name):
     shape = (1, 3, 64, 64)
     arch = space.sample(np.random.default_rng(1))
     keys = space.op_keys(arch, shape)
-    assert [k.kind for k in keys[1:-1]] == [space.choice_names[c] for c in arch.choices]
+    assert [k.kind for k in keys[1:-1]] == [g.kind for g in space.genes(arch)]
     model = space.build(arch)
     assert not model.training
     x = torch.zeros(shape)
@@ -98,9 +100,13 @@ def test_key_grid_agrees_with_op_keys(name):
     for _ in range(10):
         a = space.sample(rng)
         walk = [str(k) for k in space.op_keys(a)]
-        derived = [str(fixed[0])] + [str(grid[i][c]) for i, c in enumerate(a.choices)] \
-            + [str(k) for k in fixed[1:]]
-        assert walk == derived
+        chosen = [grid[i][c] for i, c in enumerate(a.choices)]
+        if all(k is not None for k in chosen):  # every layer chooses: the walk's own order
+            derived = [str(fixed[0])] + [str(k) for k in chosen] + [str(k) for k in fixed[1:]]
+            assert walk == derived
+        # a single-choice layer's op is a fixed one: the same ops either way
+        assert sorted(walk) == sorted([str(k) for k in fixed] +
+                                      [str(k) for k in chosen if k is not None])
 
 
 def test_unique_keys_of_det20():
@@ -143,3 +149,50 @@ def test_feature_info_matches_forward_features(name):
     assert [f.index for f in info] == list(range(len(feats)))
     assert [(f.channels, shape[2] // f.stride) for f in info] == \
         [(t.shape[1], t.shape[2]) for t in feats]
+
+
+def test_general_space_has_per_layer_choices_of_several_dimensions(tiny_mixed_tables):
+    from hwnas.latency import LatencyTable, LutPredictor, table_path
+
+    space = get_space("tiny-mixed")
+    assert space.num_choices == (4, 5, 1, 3)
+    a = space.parse("tiny-mixed:1402")
+    assert [g.name for g in space.genes(a)] == ["shuffle5", "xception_d2", "shuffle3",
+                                                "xception_d2"]
+    keys = space.op_keys(a)
+    assert keys[2].dilation == 2 and keys[2].kind == "xception"
+    with pytest.raises(UserError, match=r"layer 2 is out of range; that layer takes 0\.\.0"):
+        space.parse("tiny-mixed:1412")
+    # the model built from the keys runs, and a dilated block keeps its shapes
+    out = space.build(a)(torch.zeros(space.default_input))
+    assert out.shape == (1, 10)
+    # priced from a real table: the walk and the vectorised grid agree
+    t = LatencyTable.load(table_path(tiny_mixed_tables, "cpu-ort-fp32", "tiny-mixed",
+                                     space.default_input))
+    pred = LutPredictor(t, space)
+    archs = space.sample_distinct(20, np.random.default_rng(0))
+    assert np.allclose(pred.predict_many(archs), [pred.predict(x) for x in archs])
+    assert pred.fastest_ms() <= min(pred.predict(x) for x in archs)
+
+
+def test_tokens_past_nine_are_letters():
+    from hwnas.spaces.base import Gene
+    from hwnas.spaces.shufflenet import ShuffleNetConfig, ShuffleNetSpace
+
+    wide = tuple(Gene(k, kk, dilation=d) for d in (1, 2, 3)
+                 for k, kk in (("shuffle3", 3), ("shuffle5", 5), ("shuffle7", 7), ("xception", 3)))
+    space = ShuffleNetSpace(ShuffleNetConfig("wide", (2, 2), 8, (16, 32), (1, 3, 32, 32), 10,
+                                             layer_choices=(wide,) * 4))
+    a = space.arch([11, 0, 10, 3])
+    assert str(a) == "wide:b0a3" and space.parse(str(a)) == a
+    assert space.genes(a)[0].name == "xception_d3"
+    with pytest.raises(UserError, match="tokens"):
+        space.parse("wide:b0A3")
+
+
+def test_multi_input_op_keys_round_trip():
+    k = OpKey("fpn_merge", (1, 64, 40, 40), 64, 1, 1, 1, "int8", ((1, 160, 20, 20),))
+    assert str(k) == "fpn_merge:1x64x40x40+1x160x20x20:o64:k1:s1:d1:int8"
+    assert OpKey.parse(str(k)) == k and k.in_shapes[1] == (1, 160, 20, 20)
+    with pytest.raises(ValueError):
+        OpKey.parse("fpn_merge:1x64x40x40+:o64:k1:s1:d1:int8")

@@ -69,6 +69,12 @@ class Runner(ABC):
         """(node name, ms) per executed node from the backend's own profiler, if it has one."""
         return None
 
+    def node_profile_by_module(self, num_layers: int) -> list[tuple[str, float]] | None:
+        """`node_profile` with names that carry the exported module paths (``/blocks.3/…``),
+        which ONNX-based profiles have already; a backend whose kernels lose them maps them
+        back (TVM, from the call order of a space with `num_layers` choice layers)."""
+        return self.node_profile()
+
 
 class Backend(ABC):
     """One runtime. Subclasses set the class attributes and implement `_available` and

@@ -22,8 +22,6 @@ synchronises before returning, so `measure.py`'s clock sees finished work. Threa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from hwnas.backends.base import Backend, Runner, TensorSpec

@@ -171,13 +171,10 @@ class EngineCache:
         return data, ""
 
     def store(self, key: str, data: bytes, meta: dict, inspector_json: str) -> None:
-        from hwnas.latency.table import atomic_write_text
+        from hwnas.fileio import atomic_write_bytes, atomic_write_text
 
         engine, meta_path, layers = self.paths(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = engine.with_suffix(".engine.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, engine)
+        atomic_write_bytes(engine, data)
         atomic_write_text(layers, inspector_json)
         atomic_write_text(meta_path, json.dumps(
             {**meta, "engine_sha256": hashlib.sha256(data).hexdigest()}, indent=1) + "\n")

@@ -299,8 +299,12 @@ class TvmRunner(Runner):
     def node_profile(self):
         """(``"<call index>:<kernel symbol>"``, ms) for every VM call of every run so far, in
         call order. The kernels are TVM's fused functions, so fusion is what TVM did, not what
-        the ONNX graph says; `hwnas.latency.explain.tvm_layers` maps them back to layers."""
+        the ONNX graph says; `tvm_layers` maps them back to layers."""
         return None if self._events is None else list(self._events)
+
+    def node_profile_by_module(self, num_layers: int):
+        events = self.node_profile()
+        return None if events is None else tvm_layers(events, num_layers)
 
     def random_feed(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         feed = super().random_feed(rng)
@@ -338,3 +342,34 @@ def onnx_dtype(elem_type: int):
     import onnx
 
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def tvm_layers(events: list[tuple[str, float]], num_layers: int,
+               ) -> list[tuple[str, float]]:
+    """Rename TVM's per-call events (``"<call>:<symbol>"``, see `TvmRunner.node_profile`) to the
+    module paths an ONNX profile carries (``/stem/…``, ``/blocks.<i>/…``, ``/head/…``).
+
+    TVM's fused kernels keep no ONNX node names, so layers are read from the call order: the
+    stem ends with its max-pool, every ShuffleNetV2/Xception choice block ends with the channel
+    concatenation (alone or fused with the next block's split), and the head follows the last
+    block. VM builtins (allocation, shape checks) stay unattributed glue. Raises `UserError` if
+    the kernel sequence does not have that structure."""
+    calls = sorted({name for name, _ in events}, key=lambda n: int(n.split(":", 1)[0]))
+    where: dict[str, str] = {}
+    part, blocks = "stem", 0
+    for name in calls:
+        symbol = name.split(":", 1)[1]
+        if symbol.startswith("vm.builtin."):
+            where[name] = name  # no module path: glue
+            continue
+        where[name] = f"/{part}/{symbol}"
+        if part == "stem" and "max_pool" in symbol:
+            part = "blocks.0"
+        elif part.startswith("blocks.") and "concatenate" in symbol:
+            blocks += 1
+            part = f"blocks.{blocks}" if blocks < num_layers else "head"
+    if part != "head":
+        raise UserError(f"cannot map TVM's kernels to layers: found the stem's max-pool and "
+                        f"{blocks} block-ending concatenations, expected {num_layers}; "
+                        "--explain on TVM supports the ShuffleNetV2 spaces only")
+    return [(where[name], ms) for name, ms in events]

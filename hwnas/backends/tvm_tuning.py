@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from hwnas.errors import UserError
+from hwnas.fileio import atomic_write_text
 
 FORMAT = 1
 
@@ -91,9 +92,6 @@ class TuningDatabase:
         except ValueError:
             raise UserError(f"tuning ledger {self.ledger_path} is malformed; restore it, or delete "
                             "it (every task is then tuned again)") from None
-
-    def total_seconds(self) -> float:
-        return sum(e["seconds"] for e in self.ledger().values())
 
     def ms_database(self):
         from tvm.s_tir import meta_schedule as ms
@@ -283,9 +281,7 @@ def _quiet_logs():
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def describe(db_path: Path) -> str:

@@ -70,37 +70,6 @@ def per_layer_ms(node_times: list[tuple[str, float]]) -> dict[str, float]:
     return dict(out)
 
 
-def tvm_layers(events: list[tuple[str, float]], num_layers: int,
-               ) -> list[tuple[str, float]]:
-    """Rename TVM's per-call events (``"<call>:<symbol>"``, see `TvmRunner.node_profile`) to the
-    module paths an ONNX profile carries (``/stem/…``, ``/blocks.<i>/…``, ``/head/…``).
-
-    TVM's fused kernels keep no ONNX node names, so layers are read from the call order: the
-    stem ends with its max-pool, every ShuffleNetV2/Xception choice block ends with the channel
-    concatenation (alone or fused with the next block's split), and the head follows the last
-    block. VM builtins (allocation, shape checks) stay unattributed glue. Raises `UserError` if
-    the kernel sequence does not have that structure."""
-    calls = sorted({name for name, _ in events}, key=lambda n: int(n.split(":", 1)[0]))
-    where: dict[str, str] = {}
-    part, blocks = "stem", 0
-    for name in calls:
-        symbol = name.split(":", 1)[1]
-        if symbol.startswith("vm.builtin."):
-            where[name] = name  # no module path: glue
-            continue
-        where[name] = f"/{part}/{symbol}"
-        if part == "stem" and "max_pool" in symbol:
-            part = "blocks.0"
-        elif part.startswith("blocks.") and "concatenate" in symbol:
-            blocks += 1
-            part = f"blocks.{blocks}" if blocks < num_layers else "head"
-    if part != "head":
-        raise UserError(f"cannot map TVM's kernels to layers: found the stem's max-pool and "
-                        f"{blocks} block-ending concatenations, expected {num_layers}; "
-                        "--explain on TVM supports the ShuffleNetV2 spaces only")
-    return [(where[name], ms) for name, ms in events]
-
-
 def profiling_device(device: Device) -> Device:
     return dataclasses.replace(device, options={**device.options, "profile_nodes": True})
 
@@ -122,12 +91,11 @@ def explain_arch(predictor: LutPredictor, device: Device, arch: Arch,
             feed = runner.random_feed(np.random.default_rng(0))
             for _ in range(runs):
                 runner.run(feed)
-            events = runner.node_profile()  # every run so far (onnxruntime: once only)
+            # every run so far (onnxruntime: once only), named by module path
+            events = runner.node_profile_by_module(space.num_layers)
     if events is None:
         raise UserError(f"backend {device.backend} of device {device.name} has no per-node "
                         "profiler; --explain needs one")
-    if device.backend == "tvm":
-        events = tvm_layers(events, space.num_layers)
     in_model = per_layer_ms(events)
     profiled = sum(in_model.values())
     if profiled <= 0:

@@ -68,7 +68,7 @@ def kind_sums(space: SearchSpace, table: LatencyTable, arch: Arch, input_shape: 
 def fit_calibration(space: SearchSpace, table: LatencyTable, input_shape: Shape,
                     archs: Sequence[Arch], measured_ms: Sequence[float]) -> Calibration:
     """Least-squares intercept and per-kind slopes (the space's layer choices)."""
-    kinds = list(space.choice_names)
+    kinds = space.choice_kinds()
     X = np.array([kind_sums(space, table, a, input_shape, kinds) for a in archs])
     y = np.asarray(measured_ms, float)
     if len(y) < len(kinds) + 2:
@@ -102,9 +102,12 @@ class LutPredictor:
         self._fixed_keys, self._grid_keys = fixed, grid
         cal = self.calibration
         self.fixed_ms = sum(cal.slope(k.kind) * self._lookup_or_nan(k) for k in fixed)
-        # [layers, choices]: each op's calibrated contribution
-        self.grid_ms = np.array([[cal.slope(k.kind) * self._lookup_or_nan(k) for k in row]
-                                 for row in grid])
+        # [layers, choices]: each op's calibrated contribution; a single-choice layer's op is
+        # among the fixed ones (0 here); padding past a layer's last choice is NaN
+        self.grid_ms = np.array(
+            [[(0.0 if k is None else cal.slope(k.kind) * self._lookup_or_nan(k))
+              if c < n else np.nan for c, k in enumerate(row)]
+             for row, n in zip(grid, space.num_choices)])
 
     def scaled(self, scale: float) -> "LutPredictor":
         """The same prices multiplied by `scale` (a canary's drift)."""

@@ -1,23 +1,62 @@
-"""Search spaces, registered by name. `get_space("det20")`, `get_space("det20-w0.5")`.
+"""Search spaces, registered by name: `get_space("det20")`, `get_space("det20-w0.5")`.
 
-The registry is what tests loop over: every space in `SPACES` must satisfy the same contract.
-A ``-w<mult>`` suffix on a registered name gives that space with a width multiplier.
+A space is a registered factory `f(width_mult) -> SearchSpace`, not a config of one class: any
+`SearchSpace` subclass can be registered with `@register_space(name)`. The registry is what tests
+loop over: every space in `SPACES` must satisfy the same contract. A ``-w<mult>`` suffix on a
+registered name gives that space with a width multiplier.
 """
 
 from __future__ import annotations
 
-from hwnas.errors import UserError
-from hwnas.spaces.base import Arch, FeatureInfo, OpKey, SearchSpace, count_macs, parse_shape
-from hwnas.spaces.shufflenet import ShuffleNetConfig, ShuffleNetSpace
+from typing import Callable
 
-SPACES: dict[str, ShuffleNetConfig] = {
-    # DetNAS-300M-like: stages [4,4,8,4], stem 16, channels [64,160,320,640]
-    "det20": ShuffleNetConfig("det20", (4, 4, 8, 4), 16, (64, 160, 320, 640), (1, 3, 320, 320)),
-    # DetNAS-1.3G-like: stages [8,8,16,8], stem 48, channels [96,240,480,960]
-    "det40": ShuffleNetConfig("det40", (8, 8, 16, 8), 48, (96, 240, 480, 960), (1, 3, 320, 320)),
-    # a four-layer space for fast tests: the same blocks at toy sizes
-    "tiny": ShuffleNetConfig("tiny", (2, 2), 8, (16, 32), (1, 3, 32, 32), num_classes=10),
-}
+from hwnas.errors import UserError
+from hwnas.spaces.base import (Arch, FeatureInfo, Gene, OpKey, SearchSpace, count_macs,
+                               parse_shape)
+from hwnas.spaces.shufflenet import GENES, ShuffleNetConfig, ShuffleNetSpace
+
+SPACES: dict[str, Callable[[float], SearchSpace]] = {}
+
+
+def register_space(name: str):
+    """Register `factory(width_mult) -> SearchSpace` under `name`."""
+    def deco(factory: Callable[[float], SearchSpace]):
+        if name in SPACES or "-w" in name:
+            raise ValueError(f"space name {name!r} is taken or contains '-w'")
+        SPACES[name] = factory
+        return factory
+    return deco
+
+
+@register_space("det20")
+def det20(width: float = 1.0) -> SearchSpace:
+    """DetNAS-300M-like: stages [4,4,8,4], stem 16, channels [64,160,320,640]."""
+    return ShuffleNetSpace(ShuffleNetConfig("det20", (4, 4, 8, 4), 16, (64, 160, 320, 640),
+                                            (1, 3, 320, 320), width_mult=width))
+
+
+@register_space("det40")
+def det40(width: float = 1.0) -> SearchSpace:
+    """DetNAS-1.3G-like: stages [8,8,16,8], stem 48, channels [96,240,480,960]."""
+    return ShuffleNetSpace(ShuffleNetConfig("det40", (8, 8, 16, 8), 48, (96, 240, 480, 960),
+                                            (1, 3, 320, 320), width_mult=width))
+
+
+@register_space("tiny")
+def tiny(width: float = 1.0) -> SearchSpace:
+    """A four-layer space for fast tests: the same blocks at toy sizes."""
+    return ShuffleNetSpace(ShuffleNetConfig("tiny", (2, 2), 8, (16, 32), (1, 3, 32, 32),
+                                            num_classes=10, width_mult=width))
+
+
+@register_space("tiny-mixed")
+def tiny_mixed(width: float = 1.0) -> SearchSpace:
+    """tiny with per-layer choice lists of several dimensions (kernel, dilation, a layer with
+    one choice): the general-space contract in a form the tests can afford."""
+    d = [g for g in GENES[:3]] + [Gene("shuffle3", 3, dilation=2), Gene("xception", 3, dilation=2)]
+    return ShuffleNetSpace(ShuffleNetConfig(
+        "tiny-mixed", (2, 2), 8, (16, 32), (1, 3, 32, 32), num_classes=10, width_mult=width,
+        layer_choices=(GENES, tuple(d), (GENES[0],), tuple(d[:2]) + (d[4],))))
 
 
 def get_space(name: str) -> SearchSpace:
@@ -32,11 +71,8 @@ def get_space(name: str) -> SearchSpace:
         mult = 0.0
     if not 0.0 < mult <= 4.0:
         raise UserError(f"space {name!r}: width multiplier {width!r} is not a number in (0, 4]")
-    cfg = SPACES[base]
-    if mult != 1.0:
-        from dataclasses import replace
-        cfg = replace(cfg, width_mult=mult)
-    return ShuffleNetSpace(cfg)
+    return SPACES[base](mult)
 
 
-__all__ = ["Arch", "FeatureInfo", "OpKey", "SearchSpace", "SPACES", "get_space", "count_macs", "parse_shape"]
+__all__ = ["Arch", "FeatureInfo", "Gene", "OpKey", "SearchSpace", "SPACES", "get_space",
+           "count_macs", "parse_shape", "register_space"]

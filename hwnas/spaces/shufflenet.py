@@ -16,90 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hwnas.spaces.base import Arch, FeatureInfo, OpKey, SearchSpace, Shape
+from hwnas.spaces.base import Arch, FeatureInfo, Gene, OpKey, SearchSpace, Shape
+from hwnas.spaces.layers import KERNEL, ChoiceBlock, Head, Stem
 
 CHOICES = ("shuffle3", "shuffle5", "shuffle7", "xception")
-_KERNEL = {"shuffle3": 3, "shuffle5": 5, "shuffle7": 7, "xception": 3}
-
-
-def _conv_bn(inp: int, out: int, k: int, stride: int, groups: int, relu: bool,
-             affine: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(inp, out, k, stride, k // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(out, affine=affine)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return layers
-
-
-def split_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPOS's channel shuffle + split: even channels pass through, odd ones are transformed.
-
-    Equal to the reference reshape/permute form, written as two strided slices so the ONNX
-    graph stays free of shape arithmetic.
-    """
-    return x[:, 0::2], x[:, 1::2]
-
-
-class ChoiceBlock(nn.Module):
-    """One ShuffleNetV2 (`kind` shuffle3/5/7) or Xception-style block.
-
-    Input [N, in_channels, H, W] → output [N, out_channels, H/stride, W/stride].
-    With stride 1, in_channels == out_channels and half of the channels pass through.
-    """
-
-    def __init__(self, kind: str, in_channels: int, out_channels: int, stride: int,
-                 affine: bool = True):
-        super().__init__()
-        if kind not in _KERNEL:
-            raise ValueError(f"unknown block kind {kind!r}")
-        self.kind, self.stride = kind, stride
-        inp = in_channels if stride == 2 else in_channels // 2
-        mid, outputs = out_channels // 2, out_channels - inp
-        k = _KERNEL[kind]
-        if kind == "xception":
-            main = (_conv_bn(inp, inp, 3, stride, inp, False, affine)
-                    + _conv_bn(inp, mid, 1, 1, 1, True, affine)
-                    + _conv_bn(mid, mid, 3, 1, mid, False, affine)
-                    + _conv_bn(mid, mid, 1, 1, 1, True, affine)
-                    + _conv_bn(mid, mid, 3, 1, mid, False, affine)
-                    + _conv_bn(mid, outputs, 1, 1, 1, True, affine))
-        else:
-            main = (_conv_bn(inp, mid, 1, 1, 1, True, affine)
-                    + _conv_bn(mid, mid, k, stride, mid, False, affine)
-                    + _conv_bn(mid, outputs, 1, 1, 1, True, affine))
-        self.branch_main = nn.Sequential(*main)
-        self.branch_proj = (nn.Sequential(*(_conv_bn(inp, inp, k, 2, inp, False, affine)
-                                            + _conv_bn(inp, inp, 1, 1, 1, True, affine)))
-                            if stride == 2 else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.branch_proj is None:
-            x_proj, x_main = split_shuffle(x)
-            return torch.cat((x_proj, self.branch_main(x_main)), 1)
-        return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
-
-
-class Stem(nn.Module):
-    """[N, 3, H, W] → [N, C, H/4, W/4]: 3×3 conv s2 + BN + ReLU, then 3×3 max-pool s2."""
-
-    def __init__(self, in_channels: int, out_channels: int, affine: bool = True):
-        super().__init__()
-        self.conv = nn.Sequential(*_conv_bn(in_channels, out_channels, 3, 2, 1, True, affine))
-        self.pool = nn.MaxPool2d(3, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.conv(x))
-
-
-class Head(nn.Module):
-    """[N, C, H, W] → logits [N, num_classes]: global average pool + linear."""
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean((2, 3)))
+GENES = tuple(Gene(kind, KERNEL[kind]) for kind in CHOICES)
 
 
 class Candidate(nn.Module):
@@ -143,16 +64,19 @@ class ShuffleNetConfig:
     default_input: Shape
     num_classes: int = 1000
     width_mult: float = 1.0
+    # per-layer choice lists (default: the four SPOS blocks at every layer)
+    layer_choices: tuple[tuple[Gene, ...], ...] | None = None
 
 
 class ShuffleNetSpace(SearchSpace):
-    choice_names = CHOICES
-
     def __init__(self, cfg: ShuffleNetConfig):
         self.cfg = cfg
         self.name = (cfg.base_name if cfg.width_mult == 1.0
                      else f"{cfg.base_name}-w{cfg.width_mult:g}")
-        self.num_layers = sum(cfg.stage_repeats)
+        self.layer_choices = cfg.layer_choices or (GENES,) * sum(cfg.stage_repeats)
+        if len(self.layer_choices) != sum(cfg.stage_repeats):
+            raise ValueError(f"{cfg.base_name}: {len(self.layer_choices)} choice lists for "
+                             f"{sum(cfg.stage_repeats)} layers")
         self.default_input = cfg.default_input
         w = cfg.width_mult
         self.stem_channels = _round_channels(cfg.stem_channels * w)
@@ -169,12 +93,13 @@ class ShuffleNetSpace(SearchSpace):
         c, h, w = self.stem_channels, (h + 1) // 2, (w + 1) // 2
         h, w = (h + 1) // 2, (w + 1) // 2
         layer = 0
+        genes = self.genes(arch)
         for repeats, out in zip(self.cfg.stage_repeats, self.stage_channels):
             for r in range(repeats):
-                kind = self.choice_names[arch.choices[layer]]
+                g = genes[layer]
                 stride = 2 if r == 0 else 1
-                keys.append(OpKey(kind, (n, c, h, w), out, _KERNEL[kind], stride,
-                                  precision=precision))
+                keys.append(OpKey(g.kind, (n, c, h, w), out, g.kernel, stride, g.dilation,
+                                  g.precision or precision))
                 if stride == 2:
                     h, w = (h + 1) // 2, (w + 1) // 2
                 c, layer = out, layer + 1
@@ -196,7 +121,8 @@ class ShuffleNetSpace(SearchSpace):
         elif key.kind == "head":
             module = Head(in_channels, key.out_channels)
         else:
-            module = ChoiceBlock(key.kind, in_channels, key.out_channels, key.stride, affine)
+            module = ChoiceBlock(key.kind, in_channels, key.out_channels, key.stride, affine,
+                                 key.dilation)
         return module.eval()
 
     def build(self, arch: Arch) -> Candidate:
