@@ -58,7 +58,9 @@ class SupernetScorer:
         """What every score depends on (for a search's resume check): the weights' content,
         the data's content, and the scoring settings; `val_n` as the number of images used."""
         h = hashlib.sha256()
-        for k, t in self.net.state_dict().items():
+        # parameters only: the BatchNorm statistics are recomputed for every candidate (and
+        # change with each score), so they are not part of what a score depends on
+        for k, t in self.net.named_parameters():
             h.update(k.encode())
             h.update(repr((t.dtype, tuple(t.shape))).encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
