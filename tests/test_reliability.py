@@ -17,6 +17,7 @@ from hwnas import argtypes
 from hwnas.data import load_data
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text, clean_orphans
+from hwnas.search import SearchResult
 from hwnas.train import SupernetScorer, SupernetTrainer, TrainConfig, load_supernet
 from hwnas.train.supernet import FORMAT, read_checkpoint
 
@@ -253,10 +254,16 @@ def test_outputs_honour_the_umask(tmp_path, splits, umask, mode):
         with SupernetTrainer(cfg(steps=1, ckpt_every=1), tmp_path / "ck.pt", splits,
                              progress=False) as tr:
             tr.run()
+        res = SearchResult(method="random", space="tiny", budget_ms=1.0, seed=0,
+                           best_arch="tiny:0000", predicted_latency_ms=0.5, score=0.5,
+                           evaluations=1, evaluated=[["tiny:0000", 0.5, 0.5, 0]])
+        res.save(tmp_path / "r.json")
+        res.plot(tmp_path / "r.png")
     finally:
         os.umask(old)
-    for f in ("t.json", "ck.pt"):
+    for f in ("t.json", "ck.pt", "r.json", "r.png"):
         assert (tmp_path / f).stat().st_mode & 0o777 == mode, f
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_orphaned_temporary_files_cleaned_on_next_run(tmp_path, splits):
@@ -270,3 +277,21 @@ def test_orphaned_temporary_files_cleaned_on_next_run(tmp_path, splits):
         tr.run()
     assert all(p.exists() for p in keep)
     assert clean_orphans(tmp_path / "nothing[*].json") == []
+
+
+def test_search_cleans_its_orphaned_state_files(tmp_path, tiny):
+    from hwnas.search import RandomSearch
+
+    class Flat:
+        def predict_many(self, rows):
+            return np.ones(len(rows))
+
+    class Zero:
+        def predict(self, archs):
+            return np.zeros(len(archs))
+
+    state = tmp_path / "s.state.json"
+    orphan = tmp_path / "s.state.json.q9z.tmp"
+    orphan.write_text('{"half": ')
+    RandomSearch(tiny, Flat(), Zero(), 2.0, 4, 0, state_path=state).run()
+    assert not orphan.exists() and json.loads(state.read_text())["n_evals"] == 4
