@@ -19,8 +19,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from hwnas.distributed import AccuracyModel, Executor, InProcessExecutor
 from hwnas import locks
+from hwnas.distributed import AccuracyModel, Executor, InProcessExecutor
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text, clean_orphans
 from hwnas.search.result import SearchResult

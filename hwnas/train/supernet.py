@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from hwnas.data import BUILTIN
 from hwnas.errors import UserError, first_line
 from hwnas.fileio import atomic_path
 from hwnas.spaces import get_space
@@ -155,7 +156,7 @@ def same_data(a, b) -> bool:
     current folder)."""
     if a == b:
         return True
-    if not isinstance(a, str) or not isinstance(b, str) or "shapes" in (a, b):
+    if not isinstance(a, str) or not isinstance(b, str) or BUILTIN in (a, b):
         return False
     try:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

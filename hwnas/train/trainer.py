@@ -83,7 +83,8 @@ class TrainConfig:
         for name, lo in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise UserError(f"--{name.replace('_', '-')} must be an integer ≥ {lo}, got {v!r}")
+                raise UserError(f"--{name.replace('_', '-')} must be an integer ≥ {lo}, "
+                                f"got {v!r}")
         # name: (low, low allowed, high, high allowed)
         floats = {"lr": (0, False, None, False), "lr_min_frac": (0, True, 1, True),
                   "momentum": (0, True, 1, False), "weight_decay": (0, True, None, False),
