@@ -20,8 +20,18 @@ import json
 import math
 from typing import Any, Callable
 
-__all__ = ["dumps_strict", "finite_float", "int_range", "nonneg_float", "nonneg_int",
+__all__ = ["OneLineParser", "dumps_strict", "finite_float", "int_range", "nonneg_float", "nonneg_int",
            "positive_float", "positive_int", "probability"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr (``hwnas train: error: argument
+    --lr: 'nan' is not a finite number; see --help``) and exit code 2, as the CLI contract asks
+    of every bad input; argparse's default prints the whole usage block first. Sub-parsers made
+    by `add_subparsers` are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _int(text: str) -> int:
