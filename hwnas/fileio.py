@@ -1,55 +1,103 @@
-"""The one atomic write: readers see the old file or the new one, never a part.
+"""Writing output files safely: atomically, with the user's umask, and without leaving litter.
 
-Every file hwnas writes (tables, sidecars, journals, checkpoints, ONNX, plots, results) goes
-through `atomic_write_bytes`/`atomic_write_text`, or `atomic_path` for writers that want a path
-(torch.save, onnx.save, matplotlib). The temporary file sits beside the target (same file
-system, so the rename is atomic), is fsynced, gets the mode a plain `open()` would have given
-under the current umask (mkstemp makes 0600), and is removed if the write fails.
+Every file hwnas writes (checkpoints, search states, results, tables) goes through a temporary
+file in the same folder that is renamed over the target once complete, so a reader (or a run
+resumed after a kill) sees the old file or the new one, never a part. `tempfile.mkstemp` creates
+its file 0600; the finished file gets the mode an ordinary `open(path, "w")` would have given it
+(0666 minus the umask), so a shared group or a results server can read it as the user intends.
+
+A kill between creating the temporary file and renaming it leaves ``<name>.<random>.tmp`` behind;
+`clean_orphans` removes those of one target (the writer holds `hwnas.locks.output_lock`, so no
+live writer's temporary file is removed).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from hwnas.errors import UserError
 
 TMP_SUFFIX = ".tmp"
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
+def default_mode() -> int:
+    """0666 minus the process umask: the mode `open(path, "w")` gives a new file."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it
     os.umask(mask)
     return 0o666 & ~mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block succeeds it replaces `path`.
+def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"output {str(path)!r} is a folder; give a file name")
 
-    `suffix` is kept at the end of the temporary name for writers that choose a format by it
-    (``.png``, ``.onnx``)."""
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` to write into; on success it replaces `path` (mode 0666
+    minus the umask), on any exception it is removed and `path` is left as it was.
+
+    For writers that want a file name (`torch.save`, `onnx.save`, `fig.savefig`); `suffix`
+    ends the temporary name for writers that choose a format by it (``.png``, ``.onnx``)."""
     path = Path(path)
+    _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX + suffix,
                                dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb+") as f:  # durable before the rename makes it visible
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of `text` in UTF-8 (newlines written as given)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def clean_orphans(path: Path) -> list[Path]:
+    """Remove the temporary files a killed writer of `path` left (``<name>.*.tmp[.ext]``, as
+    `atomic_path` names them); the removed paths. Call it while holding `output_lock(path)`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for p in path.parent.glob(f"{glob_escape(path.name)}.*{TMP_SUFFIX}*"):
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob metacharacters made literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

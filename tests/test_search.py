@@ -301,3 +301,137 @@ def test_tight_budget_still_finds_the_fastest(tiny, tiny_lut):
     for cls in (EvolutionSearch, PCNASSearch, RandomSearch):
         res = cls(tiny, tiny_lut, acc, budget, 20, 0).run()
         assert res.predicted_latency_ms <= budget
+
+
+# ---- issue 13: resume identity, mid-round checkpoints, malformed states ----------------------
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    """Real supernet scorers: two checkpoints of the tiny space that differ in their weights."""
+    import os
+
+    from hwnas.data import load_data
+    from hwnas.train import SupernetScorer, SupernetTrainer, TrainConfig, load_supernet
+
+    root = tmp_path_factory.mktemp("ident")
+    old = os.environ.get("HWNAS_CACHE")
+    os.environ["HWNAS_CACHE"] = str(root / "cache")
+    try:
+        splits = load_data("shapes", 32, {"train": 32, "val": 12, "test": 4})
+    finally:
+        os.environ.pop("HWNAS_CACHE") if old is None else os.environ.update(HWNAS_CACHE=old)
+    nets = []
+    for steps in (1, 2):
+        c = TrainConfig(space="tiny", image_size=32, steps=steps, batch_size=8, ckpt_every=1,
+                        warmup_steps=0, match_steps=0)
+        with SupernetTrainer(c, root / f"s{steps}.pt", splits, progress=False) as tr:
+            tr.run()
+        nets.append(load_supernet(root / f"s{steps}.pt")[0])
+
+    def make(net=0, val_n=8):
+        return SupernetScorer(nets[net], splits, bn_batches=1, bn_batch_size=8, val_n=val_n)
+
+    return make, [root / "s1.pt", root / "s2.pt"]
+
+
+def test_resume_refused_under_another_supernet_val_n_table_or_lut(tmp_path, tiny, tiny_lut,
+                                                                  scorers):
+    from hwnas.search.identity import search_identity
+
+    make, files = scorers
+    budget = tiny_lut.fastest_ms() * 1.5
+    state = tmp_path / "r.state.json"
+    table = tmp_path / "t.csv"
+    table.write_text("key,median_ms\n")
+    ident = search_identity("cpu", table, files[0], tiny.default_input)
+
+    def search(scorer, lut=tiny_lut, identity=ident):
+        return RandomSearch(tiny, lut, scorer, budget, 6, 0, state_path=state,
+                            identity=identity)
+
+    first = search(make()).run()
+    doc = json.loads(state.read_text())
+    assert doc["identity"]["supernet_sha256"] and doc["identity"]["accuracy_model"]["val_n"] == 8
+    for args, named in (((make(net=1),), "weights_sha256"),
+                        ((make(val_n=4),), r"val_n: 8 \(saved\) vs 4 \(now\)"),
+                        ((make(), GridLatency(np.zeros((tiny.num_layers, 4)), budget / 2)),
+                         "latency_prices_sha256"),
+                        ((make(), tiny_lut, {**ident, "table_sha256": "0" * 64}),
+                         "table_sha256")):
+        with pytest.raises(UserError, match=named):
+            search(*args).run()
+    assert json.loads(state.read_text()) == doc  # refused, not overwritten
+    table.write_text("key,median_ms\nchanged,1\n")  # re-profiled in place: another identity
+    with pytest.raises(UserError, match="table_sha256"):
+        search(make(), identity=search_identity("cpu", table, files[0],
+                                                tiny.default_input)).run()
+    assert search(make()).run().to_dict() == first.to_dict()  # the same inputs resume
+
+
+class Interrupted(Additive):
+    """An accuracy model whose `stop_at`-th call (one chunk) is interrupted, after copying the
+    state file as a SIGKILL at that instant would leave it."""
+
+    def __init__(self, weights, state, stop_at):
+        super().__init__(weights)
+        self.state, self.stop_at, self.n, self.snapshot = state, stop_at, 0, None
+
+    def predict(self, archs):
+        self.n += 1
+        if self.n == self.stop_at:
+            self.snapshot = self.state.read_text() if self.state.exists() else None
+            raise KeyboardInterrupt
+        return super().predict(archs)
+
+
+@pytest.mark.parametrize("checkpoint_s", [0.0, 1e9])
+def test_mid_round_checkpoint_and_interrupt_lose_nothing(tmp_path, tiny, tiny_lut, problem,
+                                                         checkpoint_s):
+    """checkpoint_s=0: a checkpoint after every chunk (the ~10 s timer, elapsed), and the file a
+    kill would leave resumes; 1e9: no timed checkpoint, the interrupt itself saves."""
+    acc, budget, _ = problem
+    full = EvolutionSearch(tiny, tiny_lut, Additive(acc.w), budget, 48, 0, **SMALL_EVO).run()
+    state = tmp_path / "e.state.json"
+
+    def search(model):
+        s = EvolutionSearch(tiny, tiny_lut, model, budget, 48, 0, state_path=state,
+                            checkpoint_s=checkpoint_s, **SMALL_EVO)
+        s.checkpoint_chunk = 4
+        return s
+
+    # generation 0 = calls 1-3, generation 1 = calls 4-6: interrupted inside generation 1
+    model = Interrupted(acc.w, state, stop_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        search(model).run()
+    doc = json.loads(state.read_text())
+    assert doc["n_evals"] == 12 and len(doc["pending"]) == 8  # boundary + 2 chunks of gen 1
+    if checkpoint_s == 0:
+        assert json.loads(model.snapshot) == doc  # the timer had saved it before the kill
+    counted = Additive(acc.w)
+    res = search(counted).run()
+    assert counted.calls == 48 - 20  # the 20 scores saved are not recomputed
+    assert res.best_arch == full.best_arch and res.history == full.history
+    assert res.evaluated == full.evaluated
+
+
+def test_malformed_search_state_refused(tmp_path, tiny, tiny_lut, problem):
+    acc, budget, _ = problem
+    state = tmp_path / "m.state.json"
+
+    def search():
+        return RandomSearch(tiny, tiny_lut, acc, budget, 6, 0, state_path=state)
+
+    search().run()
+    good = json.loads(state.read_text())
+    edits = [lambda d: [d], lambda d: {**d, "evaluated": [1, 2]},
+             lambda d: {**d, "n_evals": "many"}, lambda d: {**d, "rng": {"state": 3}},
+             lambda d: {**d, "evaluated": {"tiny:99": [0.5, 1.0, 0]}},
+             lambda d: {k: v for k, v in d.items() if k != "history"},
+             lambda d: {**d, "identity": None}]
+    for edit in edits:
+        state.write_text(json.dumps(edit(json.loads(json.dumps(good)))))
+        with pytest.raises(UserError, match="search state"):
+            search().run()
+    (tmp_path / "dir.state.json").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        RandomSearch(tiny, tiny_lut, acc, budget, 6, 0,
+                     state_path=tmp_path / "dir.state.json").run()

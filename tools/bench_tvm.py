@@ -36,7 +36,8 @@ from hwnas.backends import tvm as tvm_backend
 from hwnas.backends import tvm_tuning
 from hwnas.devices import load_device
 from hwnas.export import export_onnx
-from hwnas.latency.table import LatencyTable, atomic_write_text, shape_text, table_path, tables_dir
+from hwnas.fileio import atomic_write_text
+from hwnas.latency.table import LatencyTable, shape_text, table_path, tables_dir
 from hwnas.measure import Protocol, measure_interleaved
 from hwnas.spaces import get_space, parse_shape
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hwnas.errors import UserError
+from hwnas.fileio import atomic_path
 
 BUILTIN = "shapes"
 # sizes of the built-in proxy's splits: 10 classes, balanced
@@ -53,10 +54,23 @@ class Splits:
     classes: tuple[str, ...]
     spec: str
     image_size: int
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the content (classes, image size, every split's pixels and labels): what
+        a result scored on this data depends on, whatever path or name it was loaded by."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(repr((self.classes, self.image_size)).encode())
+            for split in (self.train, self.val, self.test):
+                for t in (split.images, split.labels):
+                    h.update(repr((t.dtype, tuple(t.shape))).encode())
+                    h.update(t.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def describe(self) -> str:
         return (f"{self.spec}: {len(self.classes)} classes, {self.image_size}x{self.image_size}, "
@@ -84,10 +98,8 @@ def _shapes(image_size: int, sizes: dict[str, int], seed: int = 0) -> Splits:
         for i, (name, n) in enumerate(sizes.items()):
             arrays[f"{name}_x"], arrays[f"{name}_y"] = generate(n, image_size, seed, split=i)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
         except OSError:
             pass  # a read-only home only costs regeneration next time
     split = {k: Split(torch.from_numpy(arrays[f"{k}_x"]), torch.from_numpy(arrays[f"{k}_y"]))

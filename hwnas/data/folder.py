@@ -7,12 +7,13 @@ each class in train). Bad folders are `UserError`s naming the folder or file.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hwnas.errors import UserError
+from hwnas.errors import UserError, first_line
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
@@ -59,12 +60,23 @@ def load_folder(root: Path, image_size: int, seed: int = 0):
         x = np.zeros((len(items), 3, image_size, image_size), np.uint8)
         for i, (p, _) in enumerate(items):
             try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                    x[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise UserError(f"cannot read image {str(p)!r} ({type(e).__name__}: {e}); "
-                                "fix or remove the file") from None
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and would then
+                # decode gigabytes; an image that large is refused like the larger ones
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(p) as im:
+                        im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                        x[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise UserError(f"image {str(p)!r} is too large to decode safely ("
+                                f"{first_line(e)}); it may be a decompression bomb — shrink "
+                                "or remove the file") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                raise UserError(f"cannot read image {str(p)!r} ({type(e).__name__}: "
+                                f"{first_line(e)}); fix or remove the file") from None
         return Split(torch.from_numpy(x), torch.tensor([y for _, y in items], dtype=torch.long))
 
-    return Splits(read(parts[0]), read(parts[1]), read(parts[2]), classes, str(root), image_size)
+    # the resolved path is the spec: a checkpoint names its data the same way whichever form
+    # (relative, absolute, through a link) the user typed, and a search run elsewhere finds it
+    return Splits(read(parts[0]), read(parts[1]), read(parts[2]), classes, str(root.resolve()),
+                  image_size)

@@ -8,17 +8,21 @@ backends or training code. Evaluations go through an `hwnas.distributed.Executor
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from hwnas import locks
 from hwnas.distributed import AccuracyModel, Executor, InProcessExecutor
 from hwnas.errors import UserError
-from hwnas.latency.table import atomic_write_text
+from hwnas.fileio import atomic_write_text, clean_orphans
 from hwnas.search.result import SearchResult
 from hwnas.spaces.base import Arch, SearchSpace
 
@@ -48,19 +52,36 @@ class Search:
     def __init__(self, space: SearchSpace, latency: LatencyModel, accuracy: AccuracyModel,
                  budget_ms: float, evaluations: int = 1000, seed: int = 0,
                  executor: Executor | None = None, state_path: Path | None = None,
-                 progress: bool = False):
-        if evaluations <= 0:
-            raise UserError(f"--evaluations must be positive, got {evaluations}")
+                 progress: bool = False, identity: dict | None = None,
+                 checkpoint_s: float = 10.0):
+        if isinstance(evaluations, bool) or not isinstance(evaluations, (int, np.integer)) \
+                or evaluations <= 0:
+            raise UserError(f"--evaluations must be a positive integer, got {evaluations!r}")
+        if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms)
+                and budget_ms > 0):
+            raise UserError(f"--budget-ms must be a positive finite number, got {budget_ms!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UserError(f"--seed must be an integer ≥ 0, got {seed!r}")
         self.space, self.latency, self.accuracy = space, latency, accuracy
         self.budget_ms, self.evaluations, self.seed = float(budget_ms), int(evaluations), seed
         self.executor = executor or InProcessExecutor()
         self.state_path = Path(state_path) if state_path else None
+        # what the results depend on beyond `params()` (file hashes, device, data...), from
+        # the caller; see `identity()`
+        self.extra_identity = dict(identity or {})
+        self.checkpoint_s = float(checkpoint_s)
         self.rng = np.random.default_rng(seed)
         self.evaluated: dict[str, tuple[float, float, int]] = {}
         self.history: list[dict] = []
         self.n_evals = 0
         self.progress = progress
         self._bar = None
+        # mid-round checkpoints: the state at the last round boundary, the scores computed
+        # since, and (after a resume) the saved scores the replayed round reuses
+        self._boundary: dict | None = None
+        self._round_scores: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
+        self._last_save = time.monotonic()
         fastest = self.fastest_ms()
         if fastest > self.budget_ms:
             raise infeasible_error(self.budget_ms, fastest, space.name)
@@ -116,22 +137,42 @@ class Search:
         return out
 
     # ---- evaluation ---------------------------------------------------------------------------
+    checkpoint_chunk = 16  # evaluations per accuracy-model call between checkpoint checks
+
     def evaluate(self, rows: Sequence[np.ndarray], round_: int, cache: bool = True) -> np.ndarray:
-        """Scores of `rows`; each call to the accuracy model counts as one evaluation."""
+        """Scores of `rows`; each call to the accuracy model counts as one evaluation.
+
+        Evaluated in chunks; when `checkpoint_s` has passed since the last save, the state of
+        the last round boundary is saved with the scores computed since (`_save_partial`), so
+        a kill loses seconds, not a round. A resumed run replays the round from that boundary
+        and takes those scores instead of recomputing them (the replay asks for the same archs:
+        the RNG and everything before are restored)."""
         archs = [self.arch_of(r) for r in rows]
         todo = [a for a in archs if not (cache and str(a) in self.evaluated)]
         todo = list(dict.fromkeys(todo))
-        if todo:
-            scores = self.executor.evaluate(self.accuracy, todo)
-            lats = self.lat(np.array([a.choices for a in todo]))
-            for a, s, l in zip(todo, scores, lats):
-                self.evaluated[str(a)] = (float(s), float(l), round_)
-            self.n_evals += len(todo)
+        fresh: dict[str, float] = {}
+        for i in range(0, len(todo), self.checkpoint_chunk):
+            part = todo[i:i + self.checkpoint_chunk]
+            new = [a for a in part if str(a) not in self._pending]
+            scores = dict(zip(map(str, new), self.executor.evaluate(self.accuracy, new)))
+            for a in part:
+                k = str(a)
+                s = self._pending.pop(k) if k in self._pending else float(scores[k])
+                if not math.isfinite(s):
+                    raise UserError(f"the accuracy model scored {k} as {s}: it is broken (e.g. "
+                                    "a supernet with diverged weights); retrain it")
+                fresh[k] = s
+                self._round_scores[k] = s
+            lats = self.lat(np.array([a.choices for a in part]))
+            for a, l in zip(part, lats):
+                self.evaluated[str(a)] = (fresh[str(a)], float(l), round_)
+            self.n_evals += len(part)
             if self._bar is not None:
-                self._bar.update(len(todo))
-            if not cache:
-                fresh = {str(a): float(s) for a, s in zip(todo, scores)}
-                return np.array([fresh[str(a)] for a in archs])
+                self._bar.update(len(part))
+            if time.monotonic() - self._last_save >= self.checkpoint_s:
+                self._save_partial()
+        if not cache:
+            return np.array([fresh.get(str(a), self.evaluated[str(a)][0]) for a in archs])
         return np.array([self.evaluated[str(a)][0] for a in archs])
 
     def best(self) -> tuple[str, float, float]:
@@ -141,9 +182,29 @@ class Search:
         return k, s, -negl
 
     # ---- checkpoint ---------------------------------------------------------------------------
+    STATE_FORMAT = "hwnas-search-state/2"
+
     def params(self) -> dict:
         return {"method": self.method, "space": self.space.name, "budget_ms": self.budget_ms,
                 "evaluations": self.evaluations, "seed": self.seed}
+
+    def identity(self) -> dict:
+        """What the scores and prices depend on, beyond `params()`: a digest of the latency
+        model's prices (every layer's every choice), the accuracy model's own `identity()` when
+        it has one (`SupernetScorer`: weights, data, val_n, ...), and the caller's `identity`
+        (supernet and table file hashes, device, ...). A state saved under another identity is
+        refused on resume: its scores would be another model's."""
+        n, c = self.space.num_layers, len(self.space.choice_names)
+        trial = np.zeros((n * c, n), np.int64)
+        for i in range(n):
+            trial[i * c:(i + 1) * c, i] = np.arange(c)
+        prices = np.ascontiguousarray(self.lat(trial), dtype="<f8")
+        ident = {"latency_prices_sha256": hashlib.sha256(prices.tobytes()).hexdigest()}
+        acc = getattr(self.accuracy, "identity", None)
+        if callable(acc):
+            ident["accuracy_model"] = acc()
+        ident.update(self.extra_identity)
+        return json.loads(json.dumps(ident, default=str))  # as it reads back from the file
 
     def state(self) -> dict:
         return {}
@@ -151,30 +212,75 @@ class Search:
     def restore(self, state: dict) -> None:
         pass
 
+    def _snapshot(self) -> dict:
+        return {"format": self.STATE_FORMAT, "params": self.params(),
+                "identity": self._identity, "rng": self.rng.bit_generator.state,
+                "evaluated": self.evaluated, "history": self.history, "n_evals": self.n_evals,
+                "state": self.state()}
+
+    def _write(self, doc: dict) -> None:
+        atomic_write_text(self.state_path, json.dumps(doc, allow_nan=False) + "\n")
+        self._last_save = time.monotonic()
+
     def save_state(self) -> None:
+        """Checkpoint at a round boundary (after a generation, stage or chunk)."""
+        self._round_scores, self._pending = {}, {}
         if self.state_path is None:
             return
-        doc = {"params": self.params(), "rng": self.rng.bit_generator.state,
-               "evaluated": self.evaluated, "history": self.history, "n_evals": self.n_evals,
-               "state": self.state()}
-        atomic_write_text(self.state_path, json.dumps(doc) + "\n")
+        # a JSON round trip: the boundary must not share lists the next round appends to
+        self._boundary = json.loads(json.dumps(self._snapshot()))
+        self._write(self._boundary)
+
+    def _save_partial(self) -> None:
+        """Checkpoint mid-round: the last boundary plus the scores computed since."""
+        if self.state_path is None or self._boundary is None:
+            return
+        pending = {**self._pending, **self._round_scores}
+        self._write({**self._boundary, "pending": pending})
 
     def load_state(self) -> bool:
         """Resume from `state_path` if it holds this search's state; False if there is none."""
-        if self.state_path is None or not self.state_path.is_file():
+        if self.state_path is None or not self.state_path.exists():
             return False
+        where = f"search state {str(self.state_path)!r}"
+        if not self.state_path.is_file():
+            raise UserError(f"{where} is not a file; use another --out")
         try:
             doc = json.loads(self.state_path.read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"search state {str(self.state_path)!r} is unreadable "
-                            f"({type(e).__name__}); delete it to start over") from None
+            raise UserError(f"{where} is unreadable ({type(e).__name__}); delete it to start "
+                            "over") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
+            raise UserError(f"{where} is not an hwnas search state (a JSON object with "
+                            "'params'); use another --out or delete it")
         if doc.get("params") != self.params():
-            raise UserError(f"search state {str(self.state_path)!r} belongs to another search "
-                            f"({doc.get('params')}); use another --out or delete it")
-        self.rng.bit_generator.state = doc["rng"]
-        self.evaluated = {k: tuple(v) for k, v in doc["evaluated"].items()}
-        self.history, self.n_evals = doc["history"], int(doc["n_evals"])
-        self.restore(doc["state"])
+            diff = _differences(doc["params"], self.params())
+            raise UserError(f"{where} belongs to another search ({diff}); use another --out or "
+                            "delete it")
+        if doc.get("format") != self.STATE_FORMAT or not isinstance(doc.get("identity"), dict):
+            raise UserError(f"{where} was written by an older hwnas that did not record which "
+                            "supernet, table and data it used, so resuming it cannot be checked; "
+                            "delete it to start over")
+        if doc["identity"] != self._identity:
+            diff = _differences(doc["identity"], self._identity)
+            raise UserError(f"{where} was made with other inputs ({diff}); its scores would not "
+                            "be this run's: use another --out, or delete it to start over")
+        try:
+            evaluated = {str(k): (float(v[0]), float(v[1]), int(v[2]))
+                         for k, v in doc["evaluated"].items()}
+            for k in evaluated:
+                self.space.parse(k)
+            history, n_evals = list(doc["history"]), int(doc["n_evals"])
+            pending = {str(k): float(v) for k, v in doc.get("pending", {}).items()}
+            if not isinstance(doc["state"], dict) or not 0 <= n_evals <= self.evaluations:
+                raise ValueError("state")
+            self.rng.bit_generator.state = doc["rng"]
+            self.restore(doc["state"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, UserError) as e:
+            raise UserError(f"{where} is malformed ({type(e).__name__}: {str(e)[:80]}); delete "
+                            "it to start over") from None
+        self.evaluated, self.history, self.n_evals = evaluated, history, n_evals
+        self._pending = pending
         return True
 
     # ---- running ------------------------------------------------------------------------------
@@ -182,13 +288,38 @@ class Search:
         raise NotImplementedError
 
     def run(self) -> SearchResult:
+        """Run (or resume from `state_path`) to the end; holds `output_lock(state_path)`."""
+        if self.state_path is None:
+            self._identity = self.identity()
+            self._run()
+        else:
+            if self.state_path.is_dir():
+                raise UserError(f"search state {str(self.state_path)!r} is a folder; use "
+                                "another --out")
+            with locks.output_lock(self.state_path):
+                clean_orphans(self.state_path)
+                self._identity = self.identity()
+                self._run()
+        return self.result()
+
+    def _run(self) -> None:
         self.load_state()
+        self._boundary = json.loads(json.dumps(self._snapshot()))
+        self._round_scores, self._last_save = {}, time.monotonic()
         with tqdm(total=self.evaluations, initial=self.n_evals, desc=f"search {self.method}",
                   unit="eval", file=sys.stderr, disable=not self.progress,
                   dynamic_ncols=True) as bar:
             self._bar = bar
-            self._search()
-            self._bar = None
+            try:
+                self._search()
+            except BaseException:  # KeyboardInterrupt too: keep what was computed
+                if self._round_scores:
+                    self._save_partial()
+                raise
+            finally:
+                self._bar = None
+
+    def result(self) -> SearchResult:
         if not self.evaluated:
             raise UserError("the search evaluated no candidate; raise --evaluations")
         key, score, lat = self.best()
@@ -197,3 +328,22 @@ class Search:
                             score=score, evaluations=self.n_evals, params=self.params(),
                             history=self.history,
                             evaluated=[[k, s, l, r] for k, (s, l, r) in self.evaluated.items()])
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> str:
+    """``"val_n: 500 (saved) vs 100 (now); ..."`` for the keys whose values differ."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.append(_differences(a, b, f"{prefix}{k}."))
+        else:
+            out.append(f"{prefix}{k}: {_short(a)} (saved) vs {_short(b)} (now)")
+    return "; ".join(out)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -22,6 +22,8 @@ the PC-NAS supernet.
 from __future__ import annotations
 
 import itertools
+import json
+from dataclasses import asdict, is_dataclass
 from typing import Protocol
 
 import numpy as np
@@ -77,6 +79,22 @@ class PCNASSearch(Search):
         return {**super().params(), "pool_size": self.pool_size, "samples": self.samples,
                 "layers_per_stage": self.layers_per_stage,
                 "train_interval": self.train_interval if self.trainer is not None else 0}
+
+    def identity(self) -> dict:
+        """As `Search.identity`, but with a trainer attached the supernet's weights change by
+        design during the search, so they are not part of it; the trainer's settings are."""
+        ident = super().identity()
+        if self.trainer is not None:
+            acc = ident.get("accuracy_model")
+            if isinstance(acc, dict):
+                acc.pop("weights_sha256", None)
+            cfg = getattr(self.trainer, "cfg", None)
+            config = asdict(cfg) if is_dataclass(cfg) else None
+            if config is not None:
+                config.pop("fresh", None)  # how the trainer was started, not what it trains
+                config = json.loads(json.dumps(config, default=str))
+            ident["trainer"] = {"config": config, "train_interval": self.train_interval}
+        return ident
 
     def state(self) -> dict:
         return {"stage": self.stage, "pool": [list(p) for p in self.pool],

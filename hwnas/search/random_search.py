@@ -10,7 +10,7 @@ from hwnas.search.base import Search
 
 class RandomSearch(Search):
     method = "random"
-    chunk = 50  # evaluations between checkpoints (and one history entry each)
+    chunk = 50  # evaluations per history entry (checkpoints are time-based: Search)
 
     def _search(self) -> None:
         while self.n_evals < self.evaluations:

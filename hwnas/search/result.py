@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas.latency.table import atomic_write_text
+from hwnas.errors import UserError
+from hwnas.fileio import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -35,12 +36,19 @@ class SearchResult:
         return asdict(self)
 
     def save(self, path: Path) -> Path:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        # allow_nan=False: a NaN would be written as the non-JSON token NaN
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, allow_nan=False)
+                          + "\n")
         return Path(path)
 
     @classmethod
     def load(cls, path: Path) -> "SearchResult":
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            doc = json.loads(Path(path).read_text())
+            return cls(**doc)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"search result {str(path)!r} cannot be read ({type(e).__name__}: "
+                            f"{str(e)[:100]}); give a .json file `hwnas search` wrote") from None
 
     def pareto_front(self) -> list[list]:
         """Evaluated candidates no other beats in both score and latency, fastest first."""
@@ -74,9 +82,9 @@ class SearchResult:
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
+        finally:
+            plt.close(fig)
         return path

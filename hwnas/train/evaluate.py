@@ -3,6 +3,7 @@ training a stand-alone network (the ground truth the benchmark ranks against).""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from typing import Sequence
 
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hwnas.data import Split, Splits
+from hwnas.errors import UserError
 from hwnas.spaces.base import Arch, SearchSpace
 from hwnas.train.supernet import Supernet, build_standalone, proxy_arch
 from hwnas.train.trainer import TrainConfig, lr_at, train_batch
@@ -38,11 +40,36 @@ class SupernetScorer:
 
     def __init__(self, supernet: Supernet, splits: Splits, bn_batches: int = 4,
                  bn_batch_size: int = 128, val_n: int | None = None, seed: int = 0):
+        for name, v in (("--bn-batches", bn_batches), ("--bn-batch-size", bn_batch_size),
+                        ("--val-n", 1 if val_n is None else val_n)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
+        if len(splits.val) == 0:
+            raise UserError(f"data {splits.spec!r} has an empty search-validation split; give "
+                            "more images per class")
         self.net, self.splits, self.val_n = supernet, splits, val_n
+        self.bn_batches, self.bn_batch_size, self.seed = bn_batches, bn_batch_size, seed
         rng = np.random.default_rng([seed, 7])
         # the same batches for every candidate, so score differences are the candidates'
         self.bn_data = [splits.train.batch(rng.choice(len(splits.train), min(bn_batch_size,
                         len(splits.train)), replace=False))[0] for _ in range(bn_batches)]
+
+    def identity(self) -> dict:
+        """What every score depends on (for a search's resume check): the weights' content,
+        the data's content, and the scoring settings; `val_n` as the number of images used."""
+        h = hashlib.sha256()
+        # parameters only: the BatchNorm statistics are recomputed for every candidate (and
+        # change with each score), so they are not part of what a score depends on
+        for k, t in self.net.named_parameters():
+            h.update(k.encode())
+            h.update(repr((t.dtype, tuple(t.shape))).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        n_val = len(self.splits.val) if self.val_n is None else min(self.val_n,
+                                                                    len(self.splits.val))
+        return {"supernet_space": self.net.space.name, "image_size": self.net.image_size,
+                "weights_sha256": h.hexdigest(), "data_sha256": self.splits.fingerprint(),
+                "val_n": n_val, "bn_batches": self.bn_batches,
+                "bn_batch_size": self.bn_batch_size, "seed": int(self.seed)}
 
     @torch.no_grad()
     def score(self, arch: Arch) -> float:

@@ -40,11 +40,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hwnas import locks
 from hwnas.data import Splits, load_data
-from hwnas.errors import UserError
+from hwnas.errors import UserError, first_line
+from hwnas.fileio import clean_orphans
 from hwnas.spaces import get_space
-from hwnas.train.supernet import (Supernet, check_compatible, read_checkpoint,
-                                  save_checkpoint)
+from hwnas.train.supernet import (Supernet, check_compatible, check_finite, load_weights,
+                                  read_checkpoint, save_checkpoint)
 
 PathSampler = Callable[[np.random.Generator], "tuple[int, ...] | np.ndarray"]
 
@@ -69,6 +71,34 @@ class TrainConfig:
     ckpt_every: int = 200
     warmup_steps: int = 400  # the reference path alone (see the module docstring)
     match_steps: int = 300  # sibling matching to the reference blocks
+    # start over even if the output holds a checkpoint (of other settings): it is overwritten
+    # at the first save; without it, an existing checkpoint is resumed or refused, never replaced
+    fresh: bool = False
+
+    def __post_init__(self) -> None:
+        """Every number in range and finite (`float("nan")` passes no comparison, so each check
+        is written as "in range" rather than "out of range")."""
+        ints = {"steps": 1, "batch_size": 1, "ckpt_every": 1, "image_size": 1, "seed": 0,
+                "warmup_steps": 0, "match_steps": 0}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise UserError(f"--{name.replace('_', '-')} must be an integer ≥ {lo}, "
+                                f"got {v!r}")
+        # name: (low, low allowed, high, high allowed)
+        floats = {"lr": (0, False, None, False), "lr_min_frac": (0, True, 1, True),
+                  "momentum": (0, True, 1, False), "weight_decay": (0, True, None, False),
+                  "label_smoothing": (0, True, 1, False)}
+        for name, (lo, lo_ok, hi, hi_ok) in floats.items():
+            v = getattr(self, name)
+            ok = (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+                  and math.isfinite(v) and (v > lo or (lo_ok and v == lo))
+                  and (hi is None or v < hi or (hi_ok and v == hi)))
+            if not ok:
+                want = f"{'≥' if lo_ok else '>'} {lo}" + (
+                    "" if hi is None else f" and {'≤' if hi_ok else '<'} {hi}")
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number {want}, "
+                                f"got {v!r}")
 
     @property
     def spos_start(self) -> int:
@@ -78,6 +108,25 @@ class TrainConfig:
     def phase(self, step: int) -> str:
         return ("warmup" if step < self.warmup_steps else
                 "match" if step < self.spos_start else "spos")
+
+
+# settings whose change makes a resumed run a different run than the one checkpointed (space,
+# image size and data are checked first, by `check_compatible`; ckpt_every and fresh change
+# nothing the weights depend on)
+RESUME_FIELDS = ("steps", "batch_size", "lr", "lr_min_frac", "momentum", "weight_decay",
+                 "label_smoothing", "seed", "warmup_steps", "match_steps")
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``"--lr 0.1 (checkpoint) vs 0.2 (now)"`` for each resume-relevant setting that differs;
+    a setting the checkpoint predates counts as its default."""
+    defaults = TrainConfig()
+    out = []
+    for name in RESUME_FIELDS:
+        old, new = saved.get(name, getattr(defaults, name)), getattr(cfg, name)
+        if old != new:
+            out.append(f"--{name.replace('_', '-')} {old!r} (checkpoint) vs {new!r} (now)")
+    return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -96,6 +145,10 @@ def train_batch(splits: Splits, rng: np.random.Generator,
     return x, y
 
 
+def _finite_or_none(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
 def _ema(old: float | None, v: float) -> float:
     return v if old is None else 0.98 * old + 0.02 * v
 
@@ -110,24 +163,48 @@ class SupernetTrainer:
     def __init__(self, cfg: TrainConfig, out: Path, splits: Splits | None = None,
                  progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.ckpt_every <= 0:
-            raise UserError("--steps, --batch-size and --ckpt-every must be positive")
-        if cfg.warmup_steps < 0 or cfg.match_steps < 0 or cfg.spos_start >= cfg.steps:
+        if cfg.spos_start >= cfg.steps:
             raise UserError(f"--warmup-steps ({cfg.warmup_steps}) and --match-steps "
                             f"({cfg.match_steps}) must be ≥ 0 and together less than --steps "
                             f"({cfg.steps}); raise --steps or pass 0 for plain SPOS")
+        if self.out.is_dir():
+            raise UserError(f"output {str(self.out)!r} is a folder; give a checkpoint file name")
         self.space = get_space(cfg.space)
-        self.splits = splits or load_data(cfg.data, cfg.image_size)
-        with torch.random.fork_rng():  # seeded initial weights, global RNG left alone
-            torch.manual_seed(cfg.seed)
-            self.model = Supernet(self.space, cfg.image_size, self.splits.num_classes)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.loss_ema: float | None = None
-        self.match_loss: float | None = None
-        if self.out.exists():
-            self._resume()
+        # one training per checkpoint: held until `close()` (or the process ends)
+        locks.acquire(self.out)
+        self._locked = True
+        try:
+            clean_orphans(self.out)  # temporary files of a save that a kill interrupted
+            self.splits = splits or load_data(cfg.data, cfg.image_size)
+            with torch.random.fork_rng():  # seeded initial weights, global RNG left alone
+                torch.manual_seed(cfg.seed)
+                self.model = Supernet(self.space, cfg.image_size, self.splits.num_classes)
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
+                                       momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                       weight_decay=cfg.weight_decay)
+            self.step = 0
+            self.loss_ema: float | None = None
+            self.match_loss: float | None = None
+            if self.out.exists() and not cfg.fresh:
+                self._resume()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output lock (the trainer may still be read, not saved, after)."""
+        if getattr(self, "_locked", False):
+            self._locked = False
+            locks.release(self.out)
+
+    def __enter__(self) -> "SupernetTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def meta(self) -> dict:
         return {"space": self.space.name, "image_size": self.cfg.image_size,
@@ -141,15 +218,29 @@ class SupernetTrainer:
         meta = ck["meta"]
         check_compatible(meta, self.out, space=self.space.name, image_size=self.cfg.image_size,
                          data=self.splits.spec, num_classes=self.splits.num_classes)
-        if meta["config"].get("seed") != self.cfg.seed:
-            raise UserError(f"checkpoint {str(self.out)!r} was trained with seed "
-                            f"{meta['config'].get('seed')}, not {self.cfg.seed}; pass --seed "
-                            f"{meta['config'].get('seed')} to resume it")
-        self.model.load_state_dict(ck["model"])
+        diff = config_differences(meta["config"], self.cfg)
+        if diff:
+            raise UserError(f"checkpoint {str(self.out)!r} was trained with other settings: "
+                            f"{'; '.join(diff)}; pass the checkpoint's values to resume it, "
+                            "another output file, or --fresh to start over and overwrite it")
+        step = meta["step"]
+        if not 0 <= step <= self.cfg.steps:
+            raise UserError(f"checkpoint {str(self.out)!r} is malformed: step {step} is outside "
+                            f"0..{self.cfg.steps}")
+        load_weights(self.model, ck["model"], self.out)
         if ck.get("optimizer") is not None:
-            self.opt.load_state_dict(ck["optimizer"])
-        self.step, self.loss_ema = int(meta["step"]), meta.get("loss_ema")
-        self.match_loss = meta.get("match_loss")
+            try:
+                self.opt.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise UserError(f"checkpoint {str(self.out)!r} has an optimizer state that does "
+                                f"not fit the supernet ({first_line(e)}); retrain into a new "
+                                "file or pass --fresh") from None
+            check_finite({f"optimizer.{i}.{k}": v for i, st in
+                          enumerate(self.opt.state_dict()["state"].values())
+                          for k, v in st.items()}, f"checkpoint {str(self.out)!r}")
+        self.step = int(step)
+        self.loss_ema = _finite_or_none(meta.get("loss_ema"))
+        self.match_loss = _finite_or_none(meta.get("match_loss"))
 
     def save(self) -> None:
         save_checkpoint(self.out, self.meta(), self.model, self.opt)
@@ -168,6 +259,12 @@ class SupernetTrainer:
             loss = nn.functional.cross_entropy(self.model(x, choices), y,
                                                label_smoothing=self.cfg.label_smoothing)
             blocks = 1
+        if not bool(torch.isfinite(loss.detach())):
+            # before the update: the weights in memory and on disk stay the last finite ones
+            raise UserError(f"training diverged: the {phase} loss is {float(loss.detach())} at "
+                            f"step {self.step} (lr {lr_at(self.cfg, self.step):.4g}); the "
+                            f"checkpoint {str(self.out)!r} keeps the last good state; retrain "
+                            "with a lower --lr (and --fresh)")
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
