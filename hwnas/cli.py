@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 
+from hwnas.argtypes import (OneLineParser, dumps_strict, finite_float, int_range, nonneg_int,
+                            positive_float, positive_int)
 from hwnas.errors import UserError
 from hwnas.measure import Protocol
+
+SPAN = finite_float(0, 600)
 
 
 def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) -> None:
@@ -30,7 +35,7 @@ def _common(p: argparse.ArgumentParser, device=True, space=True, tables=True) ->
                        "anything that matters, instead of warning")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--span-s", type=float, default=None,
+    p.add_argument("--span-s", type=SPAN, default=None,
                    help="protocol: least wall time each measurement's rounds cover "
                    f"(default {Protocol.span_s}; shorter is faster and noisier)")
 
@@ -56,15 +61,11 @@ def _quiet_flag(p: argparse.ArgumentParser) -> None:
 
 def _protocol(args) -> Protocol:
     span = getattr(args, "span_s", None)
-    if span is None:
-        return Protocol()
-    if not 0 <= span <= 600:
-        raise UserError(f"--span-s must be between 0 and 600 seconds, got {span}")
-    return Protocol(span_s=span)
+    return Protocol() if span is None else Protocol(span_s=span)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hwnas", description="Hardware-aware NAS: profile, "
+    ap = OneLineParser(prog="hwnas", description="Hardware-aware NAS: profile, "
                                  "predict, validate, search, export.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -74,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="build or resume this host's latency table")
     _common(p)
     _quiet_flag(p)
-    p.add_argument("--calibration-n", type=int, default=20,
+    p.add_argument("--calibration-n", type=nonneg_int, default=20,
                    help="whole candidates measured to calibrate the sum (default 20; 0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
     p = sub.add_parser("predict", help="latency of a candidate from the LUT")
     _common(p)
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, space=False)
     p.add_argument("--arch", default="det20:00000000000000000000",
                    help="the candidate to time (default: a det20 model of ~3 ms here)")
-    p.add_argument("--processes", type=int, default=6)
+    p.add_argument("--processes", type=int_range(2, 100), default=6)
     p.add_argument("--out", type=Path, default=None,
                    help="where to save the report (default: a new run folder)")
     p.add_argument("--publish", action="store_true",
@@ -110,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canary", choices=["off", "report"], default="report",
                    help="time the table's canary interleaved with the candidates and report "
                    "the figures corrected by the host's drift beside the raw ones (default)")
-    p.add_argument("--n", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n", type=positive_int, default=100)
+    p.add_argument("--seed", type=nonneg_int, default=1)
     p.add_argument("--out", type=Path, default=None,
                    help="prefix of the CSV and PNG (default: a new run folder)")
     p.add_argument("--publish", action="store_true",
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="profile the worst candidates per node and show which layers carry "
                    "their error (LUT price vs time inside the model)")
-    p.add_argument("--explain-top", type=int, default=3,
+    p.add_argument("--explain-top", type=positive_int, default=3,
                    help="how many of the worst candidates --explain profiles (default 3)")
 
     p = sub.add_parser("compare", help="one model on several devices: output difference vs "
@@ -129,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=None)
     p.add_argument("--arch", default=None)
     p.add_argument("--input", default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random input")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
+    p.add_argument("--span-s", type=SPAN, default=None, help="protocol span (see profile)")
 
     p = sub.add_parser("export", help="a standalone candidate as ONNX")
     p.add_argument("--space", required=True)
@@ -145,14 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu-ort-fp32")
     p.add_argument("--space", default="det20")
     p.add_argument("--input", default="1x3x320x320")
-    p.add_argument("--budget-ms", type=float, default=None)
+    p.add_argument("--budget-ms", type=positive_float, default=None)
     p.add_argument("--out", type=Path, default=None, help="default: a new run folder")
     p.add_argument("--tables", type=Path, default=None)
     _canary(p, "correct")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--span-s", type=float, default=None, help="protocol span (see profile)")
+    p.add_argument("--span-s", type=SPAN, default=None, help="protocol span (see profile)")
     p = sub.add_parser("tables", help="the hosts and tables under a tables folder; "
                        "`migrate` moves tables from before hosts under their host")
     p.add_argument("action", nargs="?", choices=["list", "migrate"], default="list")
@@ -171,18 +172,20 @@ def _add_search_parsers(sub) -> None:
                    help="space and width (default det20-w0.25: det20's choices at 1/4 width)")
     t.add_argument("--data", default="shapes", help="'shapes' (built-in, offline) or a folder "
                    "with one sub-folder of images per class")
-    t.add_argument("--image-size", type=int, default=64)
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--ckpt-every", type=int, default=200)
-    t.add_argument("--warmup-steps", type=int, default=400,
+    t.add_argument("--image-size", type=int_range(16, 512), default=64)
+    t.add_argument("--steps", type=positive_int, default=3000)
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--lr", type=positive_float, default=0.1)
+    t.add_argument("--ckpt-every", type=positive_int, default=200)
+    t.add_argument("--warmup-steps", type=nonneg_int, default=400,
                    help="first train the reference path (choice 0 everywhere) alone")
-    t.add_argument("--match-steps", type=int, default=300,
+    t.add_argument("--match-steps", type=nonneg_int, default=300,
                    help="then fit every other choice block to its layer's reference block; "
                    "0 and 0 give plain SPOS, which does not leave chance level on a CPU budget "
                    "(see hwnas/train/trainer.py)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=nonneg_int, default=0)
+    t.add_argument("--fresh", action="store_true",
+                   help="start over even if the output holds a checkpoint, overwriting it")
     t.add_argument("-o", "--output", type=Path, required=True,
                    help="checkpoint file; an existing one of the same space is resumed")
     t.add_argument("--json", action="store_true")
@@ -192,25 +195,19 @@ def _add_search_parsers(sub) -> None:
     _common(p)
     _host(p)
     _canary(p, "off")
-    p.add_argument("--budget-ms", type=float, required=True)
+    p.add_argument("--budget-ms", type=positive_float, required=True)
     p.add_argument("--method", choices=["evolution", "pcnas", "random"], default="evolution")
     p.add_argument("--supernet", type=Path, required=True, help="checkpoint from "
                    "`hwnas supernet train`")
-    p.add_argument("--evaluations", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-n", type=int, default=None,
+    p.add_argument("--evaluations", type=positive_int, default=1000)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--val-n", type=positive_int, default=None,
                    help="held-out images per score (default: the whole search-validation split)")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="prefix of the result files (default hwnas-search/<space>_<method>_"
                    "<budget>ms_s<seed>); an unfinished search there is resumed")
     p.add_argument("--verify", action="store_true",
                    help="export the pick and measure it on the device against the budget")
-
-
-def _positive(name: str, v: int) -> int:
-    if v <= 0:
-        raise UserError(f"{name} must be a positive integer, got {v}")
-    return v
 
 
 def _shape(args, space):
@@ -238,7 +235,7 @@ def _predictor(args, canary: str | None = None):
 
 def _emit(args, obj: dict, lines: list[str]) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(obj))
+        print(dumps_strict(obj))
     else:
         print("\n".join(lines))
 
@@ -341,9 +338,7 @@ def cmd_noise(args) -> None:
 
     device = load_device(args.device)
     _protocol(args)  # checks --span-s
-    n = _positive("--processes", args.processes)
-    if n < 2:
-        raise UserError("--processes must be at least 2 to have a spread")
+    n = args.processes
     space = get_space(args.arch.split(":")[0])
     arch = space.parse(args.arch)
     with tempfile.TemporaryDirectory(prefix="hwnas-") as tmp:
@@ -378,10 +373,14 @@ def cmd_validate(args) -> None:
 
     from hwnas.runs import new_run_dir
 
-    _positive("--n", args.n)
     if args.publish and args.out:
         raise UserError("give --out or --publish, not both")
     device, space, shape, pred, _ = _predictor(args, canary="off")
+    held_out = math.prod(space.num_choices) - len(set(pred.calibration.archs) | {
+        str(space.canary())})
+    if args.n > held_out:
+        raise UserError(f"--n {args.n} is more than the {held_out} candidates of {space.name} "
+                        f"outside the table's calibration set; pass --n {held_out} or less")
     name = f"{space.name}_{shape_text(shape)}"
     if args.publish:
         prefix = pred.table.path.parent / name
@@ -395,7 +394,6 @@ def cmd_validate(args) -> None:
     if args.explain:
         from hwnas.latency import explain
 
-        _positive("--explain-top", args.explain_top)
         exps = explain.explain_worst(pred, device, rep.csv, args.explain_top)
         d["explain"] = [e.to_dict() for e in exps]
         lines += [f"explain: the {len(exps)} worst candidates profiled per node on "
@@ -524,12 +522,14 @@ def cmd_supernet(args) -> None:
     cfg = TrainConfig(space=args.space, data=args.data, image_size=args.image_size,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, ckpt_every=args.ckpt_every,
-                      warmup_steps=args.warmup_steps, match_steps=args.match_steps)
+                      warmup_steps=args.warmup_steps, match_steps=args.match_steps,
+                      fresh=args.fresh)
     if not 16 <= cfg.image_size <= 512:
         raise UserError(f"--image-size must be between 16 and 512, got {cfg.image_size}")
     res = SupernetTrainer(cfg, args.output, progress=not args.quiet).run()
     _emit(args, res, [f"{res['checkpoint']}: {res['space']} trained to step {res['step']} "
-                      f"(resumed from {res['resumed_from']}; loss {res['loss_ema']:.3f}) on "
+                      f"(resumed from {res['resumed_from']}; loss "
+                      f"{'n/a' if res['loss_ema'] is None else format(res['loss_ema'], '.3f')}) on "
                       f"{res['data']}"])
 
 
@@ -540,7 +540,7 @@ def cmd_search(args) -> None:
     space = get_space(args.space)
     res = run_search(SearchConfig(
         device=args.device, space=args.space, budget_ms=args.budget_ms, method=args.method,
-        supernet=args.supernet, evaluations=_positive("--evaluations", args.evaluations),
+        supernet=args.supernet, evaluations=args.evaluations,
         seed=args.seed, input_shape=_shape(args, space), tables=args.tables, out=args.out,
         verify=args.verify, strict=args.strict, host=args.host, canary=args.canary,
         val_n=args.val_n, progress=not args.quiet,

@@ -66,10 +66,8 @@ def pick_most_macs(predictor: LutPredictor, budget_ms: float | None, n: int, see
         median = float(np.median(lat))
         step = 10.0 ** (math.floor(math.log10(median)) - 2)
         budget_ms = round(math.ceil(median / step - 1e-9) * step, 12)
+    predictor.require_feasible(budget_ms)
     fastest = predictor.fastest_ms()
-    if budget_ms < fastest:
-        raise UserError(f"budget {budget_ms} ms is infeasible: the fastest {space.name} candidate "
-                        f"the LUT can price takes {fastest:.3f} ms; raise --budget-ms")
     ok = np.flatnonzero(lat <= budget_ms)
     if not len(ok):
         raise UserError(f"none of {n} sampled candidates fits {budget_ms} ms (fastest possible "
@@ -92,6 +90,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     prof = profile(device, space, cfg.input_shape, root, cfg.protocol, progress=cfg.progress)
     predictor, drift = open_predictor(device, space, cfg.input_shape, root,
                                       canary=cfg.canary, protocol=cfg.protocol)
+    if cfg.budget_ms is not None:  # before anything is measured
+        predictor.require_feasible(cfg.budget_ms)
     table = predictor.table
     noise_file = table.path.parent / "noise.json"
     out_prefix = out / f"{space.name}_{shape_text(cfg.input_shape)}"

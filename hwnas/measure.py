@@ -54,11 +54,28 @@ class Protocol:
     min_reps: int = 3
     max_reps: int = 2000
     max_rounds: int = 2000
+    # ...and, on a host that is rarely quiet, more rounds until the estimate settles: after the
+    # planned rounds, go on while the items' best round medians (median over items) still
+    # improved by more than `settle_pct` over the last `settle_window` rounds, for at most
+    # `settle_factor` × `span_s` of timing. A quiet host settles at once, so its figures are
+    # unchanged; `span_s` 0 (tests) never extends.
+    settle_pct: float = 0.5
+    settle_window: int = 10
+    settle_factor: float = 24.0
 
     def rounds_for(self, round_time_ms: float) -> int:
         """Rounds needed when one round of every item takes `round_time_ms`."""
         need = int(np.ceil(self.span_s * 1000.0 / max(round_time_ms, 1e-3)))
         return int(np.clip(need, self.rounds, self.max_rounds))
+
+    def settled(self, per_item: Sequence[Sequence[Sequence[float]]]) -> bool:
+        """Whether the lowest round medians stopped improving (see `settle_pct`)."""
+        w = self.settle_window
+        if min(len(r) for r in per_item) <= w:
+            return False
+        gains = [min(np.median(x) for x in r[:-w]) / min(np.median(x) for x in r) - 1
+                 for r in per_item]
+        return float(np.median(gains)) * 100 <= self.settle_pct
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,14 +252,21 @@ def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> Measureme
                                          for i in items))
         if prior_rounds is not None:  # a resumed run keeps the plan it started with
             rounds = max(rounds, max(len(i.rounds) for i in items))
-        done = min((len(i.rounds) for i in items), default=0)
-        for r in range(done, rounds):
+        r = min((len(i.rounds) for i in items), default=0)
+        deadline = time.perf_counter() + protocol.settle_factor * protocol.span_s
+        settled = r >= rounds and (protocol.span_s == 0 or r >= protocol.max_rounds
+                                   or protocol.settled([i.rounds for i in items]))
+        while r < rounds or not settled:
             for item in items:
                 for _ in range(protocol.round_warmup):
                     item.runner._run(item.feed)
                 item.rounds.append(_time_runs(item.runner, item.feed, item.reps))
-            if on_round is not None:
-                on_round(r + 1, rounds, [i.rounds for i in items])
+            r += 1
+            settled = (r >= protocol.max_rounds or time.perf_counter() >= deadline
+                       or protocol.settled([i.rounds for i in items]))
+            if on_round is not None:  # past the plan the total is one more until settled
+                on_round(r, rounds if r < rounds else r + (not settled), [i.rounds for i in items])
+        rounds = r
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -41,7 +41,7 @@ def test_devices_json():
 @pytest.mark.parametrize("args,frag", [
     (("--device", "gpu-nope", "--space", "tiny", "--arch", "tiny:0000"), "unknown device"),
     (("--device", "cpu-ort-fp32", "--space", "nope", "--arch", "tiny:0000"), "unknown space"),
-    (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:012"), "exactly 4 digits"),
+    (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:012"), "exactly 4 tokens"),
     (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:0129"), "out of range"),
     (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:0123", "--input", "1x3x"),
      "NxCxHxW"),

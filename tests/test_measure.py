@@ -95,3 +95,17 @@ def test_contention_counts_rounds_where_every_item_ran_slow():
     assert Contention.from_rounds(one).quiet_fraction == 1.0
     both = Contention.combine([Contention.from_rounds(quiet), c])
     assert both.rounds == 20 and both.quiet_fraction == pytest.approx(0.7)
+
+
+def test_rounds_go_on_until_the_best_settles():
+    p = Protocol(settle_pct=0.5, settle_window=10)
+    assert p.settled([[[1.0]] * 30, [[2.0]] * 30])  # nothing improved: done
+    # the best came in the last 10 rounds: not settled, a busy host needs more rounds
+    assert not p.settled([[[1.2]] * 20 + [[1.0]] * 10, [[2.4]] * 20 + [[2.0]] * 10])
+    assert not p.settled([[[1.0]] * 5])  # too few rounds to say
+
+
+def test_zero_span_never_extends_the_plan(runners):
+    calls = []
+    measure_interleaved(runners, FAST, on_round=lambda d, t, r: calls.append(d))
+    assert calls == [1, 2, 3]

@@ -24,7 +24,7 @@ import numpy as np
 from hwnas.backends import compile_model
 from hwnas.devices import load_device
 from hwnas.export import export_onnx
-from hwnas.measure import _time_runs
+from hwnas.measure import _time_runs, announce_measuring
 from hwnas.spaces import get_space
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     arch = space.parse(args.arch)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(space.build(arch), space.default_input, Path(tmp) / "m.onnx")
-        with compile_model(path, load_device(args.device)) as runner:
+        with compile_model(path, load_device(args.device)) as runner, announce_measuring():
             feed = runner.random_feed()
             _time_runs(runner, feed, 50)
             windows = []

@@ -96,13 +96,12 @@ def generate(n: int, image_size: int, seed: int, split: int, chunk: int = 512,
         # polarity, so a few hundred SGD steps on a 2-core CPU already learn the task)
         fg = np.clip(bg + rng.uniform(0.3, 0.6, (b, 3, 1, 1)), 0, 1)
         img = alpha[:, None] * fg + (1 - alpha[:, None]) * back
-        # two small distractor blobs anywhere
-        for _ in range(1):
-            dx = grid[None, None, :] - rng.uniform(0, s, (b, 1, 1))
-            dy = grid[None, :, None] - rng.uniform(0, s, (b, 1, 1))
-            blob = 1 / (1 + np.exp(np.clip(-2.0 * (rng.uniform(0.03, 0.07, (b, 1, 1)) * s
-                                                   - np.hypot(dx, dy)), -30, 30)))
-            img = blob[:, None] * rng.uniform(0, 1, (b, 3, 1, 1)) + (1 - blob[:, None]) * img
+        # a small distractor blob anywhere
+        dx = grid[None, None, :] - rng.uniform(0, s, (b, 1, 1))
+        dy = grid[None, :, None] - rng.uniform(0, s, (b, 1, 1))
+        blob = 1 / (1 + np.exp(np.clip(-2.0 * (rng.uniform(0.03, 0.07, (b, 1, 1)) * s
+                                               - np.hypot(dx, dy)), -30, 30)))
+        img = blob[:, None] * rng.uniform(0, 1, (b, 3, 1, 1)) + (1 - blob[:, None]) * img
         img = img + rng.normal(0, rng.uniform(0.02, 0.06, (b, 1, 1, 1)), img.shape).astype(np.float32)
         images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
         labels[start:start + b] = lab

@@ -82,6 +82,13 @@ def fit_calibration(space: SearchSpace, table: LatencyTable, input_shape: Shape,
                        tuple(map(float, fitted)))
 
 
+def infeasible_error(budget_ms: float, fastest_ms: float, space: str) -> UserError:
+    """The one message for a budget below the fastest candidate (exit 2, naming it)."""
+    return UserError(f"budget {budget_ms:g} ms is infeasible: below the fastest {space} "
+                     f"candidate the latency table can price ({fastest_ms:.3f} ms); raise "
+                     f"--budget-ms to at least {fastest_ms:.3f}")
+
+
 class LutPredictor:
     """Prices candidates of `space` at `input_shape` from `table`.
 
@@ -144,6 +151,11 @@ class LutPredictor:
             row = a[int(np.flatnonzero(np.isnan(total))[0])]
             self.predict(Arch(self.space.name, tuple(int(c) for c in row)))  # raises, naming it
         return total
+
+    def require_feasible(self, budget_ms: float) -> None:
+        """A `UserError` naming the fastest latency when no candidate can keep `budget_ms`."""
+        if budget_ms < self.fastest_ms():
+            raise infeasible_error(budget_ms, self.fastest_ms(), self.space.name)
 
     def fastest_ms(self) -> float:
         """The lowest latency any candidate can have (each layer at its fastest choice)."""

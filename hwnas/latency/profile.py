@@ -23,8 +23,9 @@ from tqdm import tqdm
 from hwnas.backends import Runner, compiled
 from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
 from hwnas.errors import UserError
-from hwnas.fileio import atomic_write_text
+from hwnas.fileio import atomic_write_text, clean_orphans
 from hwnas.hosts import record_host
+from hwnas.locks import output_lock
 from hwnas.latency.predict import fit_calibration
 from hwnas.latency.table import LatencyTable, new_table, now_iso, table_path
 from hwnas.measure import Contention, LatencyStats, Protocol, measure_interleaved
@@ -138,7 +139,19 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
             progress: bool = True, require_quiet: bool = False) -> ProfileReport:
     """Measure every unique op key of `space` at `input_shape` that this host's table lacks,
     then calibrate on `calibration_n` whole random candidates (seeded) and time the canary.
-    Resumes where it stopped."""
+    Resumes where it stopped. One run per table: a second exits at once naming the first."""
+    path = table_path(root, device, space.name, input_shape)
+    with output_lock(path):
+        for p in (path, path.with_suffix(".json"), path.with_suffix(".partial.json"),
+                  path.with_suffix(".calibration.partial.json"), Path(root) / "hosts.json"):
+            clean_orphans(p)  # a kill during a save leaves its temporary file
+        return _profile(device, space, input_shape, root, protocol, calibration_n, seed,
+                        progress, require_quiet)
+
+
+def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
+             protocol: Protocol, calibration_n: int, seed: int, progress: bool,
+             require_quiet: bool) -> ProfileReport:
     if calibration_n < 0 or 0 < calibration_n < space.num_kinds() + 2:
         raise UserError(f"--calibration-n must be 0 (no calibration) or at least "
                         f"{space.num_kinds() + 2} (an intercept and a slope per choice)")

@@ -23,6 +23,7 @@ from hwnas import locks
 from hwnas.distributed import AccuracyModel, Executor, InProcessExecutor
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text, clean_orphans
+from hwnas.latency.predict import infeasible_error
 from hwnas.search.result import SearchResult
 from hwnas.spaces.base import Arch, SearchSpace
 
@@ -32,12 +33,6 @@ class LatencyModel(Protocol):
 
     def predict_many(self, archs: np.ndarray) -> np.ndarray:
         """Latency (ms) of each row of an int array [N, layers]."""
-
-
-def infeasible_error(budget_ms: float, fastest_ms: float, space: str) -> UserError:
-    return UserError(f"budget {budget_ms:g} ms is below the fastest {space} candidate the latency "
-                     f"table can price ({fastest_ms:.3f} ms); raise --budget-ms to at least "
-                     f"{fastest_ms:.3f}")
 
 
 class Search:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwnas.errors import UserError
+from hwnas.locks import output_lock
 from hwnas.measure import Protocol
 from hwnas.search import METHODS, SearchResult
 
@@ -53,6 +54,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     from hwnas.data import load_data
     from hwnas.devices import load_device
     from hwnas.latency.lookup import open_predictor
+    from hwnas.search.identity import search_identity
     from hwnas.spaces import get_space
     from hwnas.train import SupernetScorer, load_supernet
     from hwnas.train.supernet import base_name
@@ -66,9 +68,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     lut, drift = open_predictor(device, space, shape, cfg.tables, cfg.host, cfg.strict,
                                 cfg.canary, cfg.protocol or Protocol())
     table = lut.table
-    if lut.fastest_ms() > cfg.budget_ms:  # before loading anything heavy
-        from hwnas.search import infeasible_error
-        raise infeasible_error(cfg.budget_ms, lut.fastest_ms(), space.name)
+    lut.require_feasible(cfg.budget_ms)  # before loading anything heavy
     net, meta = load_supernet(cfg.supernet)
     if base_name(meta["space"]) != base_name(space.name) or net.space.num_layers != \
             space.num_layers:
@@ -80,26 +80,28 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                             seed=cfg.seed)
     out = cfg.out or default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations, cfg.seed,
-                                 state_path=out.with_name(out.name + ".state.json"),
-                                 progress=cfg.progress, **cfg.options)
-    result = search.run()
-    result.context = {
-        "device": device.name, "table": str(table.path), "host": table.host,
-        "drift": drift.to_dict() if drift else None, "input_shape": list(shape),
-        "supernet": str(cfg.supernet), "supernet_space": meta["space"],
-        "supernet_step": meta["step"], "proxy_data": splits.describe(),
-        "mapping": f"{space.name} arch digits scored as {meta['space']} at "
-                   f"{meta['image_size']}x{meta['image_size']} on {meta['data']}; priced as "
-                   f"{space.name} at {'x'.join(map(str, shape))} on {device.name}",
-    }
-    if cfg.verify:
-        result.verify = verify_pick(result, device, space, shape, out, cfg.protocol)
-    result.save(_file(out, ".json"))
-    result.plot(_file(out, ".png"))
-    result.context["json"] = str(_file(out, ".json"))
-    result.context["plot"] = str(_file(out, ".png"))
-    result.save(_file(out, ".json"))
+    with output_lock(out):  # one run per output: state, JSON, plot and ONNX
+        identity = search_identity(device, table.path, cfg.supernet, shape,
+                                   bn_batches=cfg.bn_batches, options=cfg.options,
+                                   host=table.host, canary=cfg.canary)
+        search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
+                                     cfg.seed, state_path=out.with_name(out.name + ".state.json"),
+                                     progress=cfg.progress, identity=identity, **cfg.options)
+        result = search.run()
+        result.context = {
+            "device": device.name, "table": str(table.path), "host": table.host,
+            "drift": drift.to_dict() if drift else None, "input_shape": list(shape),
+            "supernet": str(cfg.supernet), "supernet_space": meta["space"],
+            "supernet_step": meta["step"], "proxy_data": splits.describe(),
+            "mapping": f"{space.name} arch digits scored as {meta['space']} at "
+                       f"{meta['image_size']}x{meta['image_size']} on {meta['data']}; priced as "
+                       f"{space.name} at {'x'.join(map(str, shape))} on {device.name}",
+            "json": str(_file(out, ".json")), "plot": str(_file(out, ".png")),
+        }
+        if cfg.verify:
+            result.verify = verify_pick(result, device, space, shape, out, cfg.protocol)
+        result.plot(_file(out, ".png"))
+        result.save(_file(out, ".json"))
     return result
 
 

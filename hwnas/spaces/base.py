@@ -117,15 +117,22 @@ class OpKey:
                    tuple(shapes_t[1:]))
 
 
+MAX_DIM = 16384
+MAX_ELEMENTS = 1 << 28  # 1 GiB of float32 input: beyond that no candidate fits in memory here
+
+
 def parse_shape(text: str) -> Shape:
-    """``1x3x320x320`` → ``(1, 3, 320, 320)``; a `UserError` for anything else."""
-    try:
-        dims = tuple(int(x) for x in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if len(dims) != 4 or min(dims) <= 0:
-        raise UserError(f"input shape {text!r} is not NxCxHxW with positive integers; "
-                        "write it like 1x3x320x320")
+    """``1x3x320x320`` → ``(1, 3, 320, 320)``; a `UserError` for anything else (only ASCII
+    digits, each dimension 1..16384, at most 2^28 elements)."""
+    parts = text.strip().lower().split("x")
+    ok = len(parts) == 4 and all(p.isascii() and p.isdigit() and len(p) <= 5 for p in parts)
+    dims = tuple(int(p) for p in parts) if ok else ()
+    if not ok or not all(0 < d <= MAX_DIM for d in dims):
+        raise UserError(f"input shape {text!r} is not NxCxHxW with positive integers up to "
+                        f"{MAX_DIM}; write it like 1x3x320x320")
+    if int(np.prod(dims)) > MAX_ELEMENTS:
+        raise UserError(f"input shape {text!r} has {int(np.prod(dims)):,} elements, more than "
+                        f"the {MAX_ELEMENTS:,} an input may have here; use a smaller shape")
     return dims
 
 
