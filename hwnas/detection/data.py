@@ -61,13 +61,15 @@ _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 # ---- the generator ----------------------------------------------------------------------------
 def _object_side(rng: np.random.Generator, allow_large: bool, s: int) -> float:
-    """A square-equivalent side in pixels from a mixture over COCO's area ranges."""
+    """A square-equivalent side in pixels from a mixture over COCO's area ranges (at s = 128;
+    other image sizes scale the ranges by s / 128)."""
+    k = s / IMAGE_SIZE
     u = rng.random()
     if allow_large and u < 0.2:
-        return rng.uniform(100, 0.92 * s)  # large: area > 96² px even at aspect 0.7
+        return rng.uniform(100 * k, 0.92 * s)  # large: area > 96² px even at aspect 0.7
     if u < 0.55:
-        return rng.uniform(10, 29)  # small: area < 32² px
-    return rng.uniform(36, 88)  # medium
+        return rng.uniform(10 * k, 29 * k)  # small: area < 32² px
+    return rng.uniform(36 * k, 88 * k)  # medium
 
 
 def _shape_mask(cls: int, box: tuple[int, int, int, int], s: int,

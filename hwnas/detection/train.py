@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import tempfile
+import time
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -191,20 +192,22 @@ class DetectorTrainer:
         self.loss_ema = v if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * v
         return {k: float(t.detach()) for k, t in losses.items()}
 
-    def run(self) -> dict:
-        """Train to `cfg.steps`, resuming if `out` exists; a summary dict (images/s, loss)."""
+    def run(self, stop: int | None = None) -> dict:
+        """Train to `cfg.steps` (or to step `stop`, earlier), resuming if `out` exists, with a
+        checkpoint at the end; a summary dict (images/s, loss)."""
         start = self.step
+        stop = self.cfg.steps if stop is None else min(stop, self.cfg.steps)
         with tqdm(total=self.cfg.steps, initial=self.step, desc="detect train", unit="step",
                   file=sys.stderr, disable=not self.progress, dynamic_ncols=True) as bar:
-            t0 = bar.format_dict["elapsed"]
-            while self.step < self.cfg.steps:
+            t0 = time.monotonic()  # wall time for the images/s figure (not a latency)
+            while self.step < stop:
                 self._one_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.loss_ema:.3f}", lr=f"{lr_at(self.cfg, self.step):.2e}",
-                                refresh=False)
-                if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
-                    self.train_s += bar.format_dict["elapsed"] - t0
-                    t0 = bar.format_dict["elapsed"]
+                bar.set_postfix(loss=f"{self.loss_ema:.3f}",
+                                lr=f"{lr_at(self.cfg, self.step):.2e}", refresh=False)
+                if self.step % self.cfg.ckpt_every == 0 or self.step == stop:
+                    now = time.monotonic()
+                    self.train_s, t0 = self.train_s + now - t0, now
                     self.save()
         if self.step == start and not self.out.exists():
             self.save()
