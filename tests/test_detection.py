@@ -306,8 +306,12 @@ def test_cli_train_eval_export(data, tmp_path, capsys):
     run_cli("detect", "export", "--ckpt", str(ck), "-o", str(onnx), "--force")
     run_cli("detect", "eval", "--onnx", str(onnx), "--data", str(data), "--json")
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 6
-    with pytest.raises(UserError, match="exactly one of"):
-        run_cli("detect", "eval", "--ckpt", str(ck), "--onnx", str(onnx))
+    run_cli("detect", "eval", "--ckpt", str(ck), "--onnx", str(onnx), "--json")
+    p = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert p["images"] == 6 and p["ok"], p
+    assert abs(p["torch"]["AP"] - p["onnx"]["AP"]) <= 0.001
+    with pytest.raises(UserError, match="give --ckpt FILE, --onnx FILE, or both"):
+        run_cli("detect", "eval")
     with pytest.raises(UserError, match="neither 'shapes-det' nor a folder"):
         run_cli("detect", "train", "--data", str(tmp_path / "nowhere"), "-o", str(ck))
     with pytest.raises(UserError, match="does not exist"):

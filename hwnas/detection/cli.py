@@ -45,7 +45,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = dsub.add_parser("eval", help="COCO metrics of a checkpoint or an exported ONNX file")
+    e = dsub.add_parser("eval", help="COCO metrics of a checkpoint or an exported ONNX file; "
+                        "with both, their detections compared image by image (parity)")
     e.add_argument("--ckpt", type=Path, default=None)
     e.add_argument("--onnx", type=Path, default=None)
     e.add_argument("--data", default=None, help="default: the checkpoint's training data")
@@ -93,8 +94,8 @@ def _eval(args) -> None:
     from hwnas.detection.evaluate import evaluate
     from hwnas.detection.train import load_detector
 
-    if (args.ckpt is None) == (args.onnx is None):
-        raise UserError("give exactly one of --ckpt FILE or --onnx FILE")
+    if args.ckpt is None and args.onnx is None:
+        raise UserError("give --ckpt FILE, --onnx FILE, or both (to compare them)")
     det, meta, size = None, {}, args.image_size
     if args.ckpt is not None:
         det, meta = load_detector(args.ckpt)
@@ -109,6 +110,16 @@ def _eval(args) -> None:
     if meta and list(split.cat_ids) != list(meta["cat_ids"]):
         raise UserError(f"the data's categories {split.cat_ids} are not the checkpoint's "
                         f"{meta['cat_ids']}; evaluate on data with the same categories")
+    if det is not None and args.onnx is not None:
+        from hwnas.detection.export import parity
+
+        p = parity(det, args.onnx, split)
+        p.update({"split": args.split, "ckpt_path": str(args.ckpt), "onnx_path": str(args.onnx)})
+        _emit(args, p, f"{p['images_ok']}/{p['images']} images agree ({p['matched']}/"
+              f"{p['detections_torch']} torch detections matched, max box rel err "
+              f"{p['max_box_rel_err']:.2e}); AP torch {p['torch']['AP']:.4f} onnx "
+              f"{p['onnx']['AP']:.4f}")
+        return
     m = evaluate(split, det=det, onnx=args.onnx)
     m.update({"split": args.split, "model": str(args.ckpt or args.onnx)})
     _emit(args, m, " ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm",

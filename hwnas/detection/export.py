@@ -154,3 +154,24 @@ def compare_detections(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     ok = na == nb == matched and box_err <= rel_tol
     return {"count_a": na, "count_b": nb, "matched": matched, "box_rel_err": box_err,
             "score_abs_err": score_err, "ok": bool(ok)}
+
+
+def parity(det: Detector, onnx_path: str | Path, split, limit: int | None = None) -> dict:
+    """onnxruntime vs torch `postprocess` on the first `limit` images of `split` (all by
+    default): per-image `compare_detections`, summed up, and both COCO metric dicts."""
+    from hwnas.detection.evaluate import coco_metrics, detect_onnx, detect_torch
+
+    ours, theirs = detect_onnx(onnx_path, split, limit), detect_torch(det, split, limit=limit)
+    per = [compare_detections(a, b) for a, b in zip(ours, theirs)]
+    full = limit is None or limit >= len(split)
+    return {"images": len(per),
+            "images_with_detections": sum(p["count_b"] > 0 for p in per),
+            "images_ok": sum(p["ok"] for p in per),
+            "detections_torch": sum(p["count_b"] for p in per),
+            "detections_onnx": sum(p["count_a"] for p in per),
+            "matched": sum(p["matched"] for p in per),
+            "max_box_rel_err": max((p["box_rel_err"] for p in per), default=0.0),
+            "max_score_abs_err": max((p["score_abs_err"] for p in per), default=0.0),
+            "ok": all(p["ok"] for p in per),
+            "torch": coco_metrics(split, theirs) if full else None,
+            "onnx": coco_metrics(split, ours) if full else None}

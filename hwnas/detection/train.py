@@ -115,7 +115,7 @@ class DetectorTrainer:
         if not (cfg.lr > 0 and cfg.warmup_steps >= 0):
             raise UserError("--lr must be positive and --warmup-steps ≥ 0")
         torch.set_num_threads(cfg.threads)
-        self.data_root = resolve_data(cfg.data, cfg.seed if cfg.data == BUILTIN else 0)
+        self.data_root = resolve_data(cfg.data)  # the fixed shapes-det splits, whatever the seed
         self.train_split: CocoSplit = load_coco(self.data_root, "train", cfg.image_size)
         self.det_cfg = DetectorConfig(cfg.space, cfg.arch, self.train_split.num_classes,
                                       cfg.image_size, cfg.fpn_channels, cfg.head_convs)
