@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.cmd](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"hwnas {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

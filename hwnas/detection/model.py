@@ -214,10 +214,10 @@ def init_backbone(det: Detector, state: dict[str, torch.Tensor], source: str) ->
     """
     body = det.backbone.body
     own = body.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith("head.")
-               and not (k.endswith((".weight", ".bias")) and own[k].dim() == 1
-                        and any(k.rsplit(".", 1)[0] + s in state
-                                for s in (".running_mean",)))]
+    def bn_affine(k: str) -> bool:  # the weight/bias of a BatchNorm whose statistics are given
+        return k.endswith((".weight", ".bias")) and k.rsplit(".", 1)[0] + ".running_mean" in state
+
+    missing = [k for k in own if k not in state and not bn_affine(k)]
     extra = [k for k in state if k not in own]
     shape = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or extra or shape:
