@@ -79,7 +79,8 @@ def test_loader_targets_and_flips(data):
     raw = split.target(0)["boxes"]
     expect = torch.stack([SIZE - raw[:, 2], SIZE - raw[:, 3], SIZE - raw[:, 0],
                           SIZE - raw[:, 1]], 1)
-    assert torch.equal(t[0]["boxes"], expect) and torch.equal(t[1]["boxes"], split.target(1)["boxes"])
+    assert torch.equal(t[0]["boxes"], expect)
+    assert torch.equal(t[1]["boxes"], split.target(1)["boxes"])
     for i in range(len(split)):
         b = split.target(i)["boxes"]
         assert (b[:, 2:] > b[:, :2]).all() and b.min() >= 0 and b.max() <= SIZE

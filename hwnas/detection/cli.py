@@ -77,9 +77,9 @@ def _emit(args, obj: dict, line: str) -> None:
 def _train(args) -> None:
     from hwnas.detection.train import DetectorTrainer, DetTrainConfig
 
-    cfg = DetTrainConfig(space=args.space, arch=args.arch, data=args.data, image_size=args.image_size,
-                         steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
-                         lr=args.lr, weight_decay=args.weight_decay,
+    cfg = DetTrainConfig(space=args.space, arch=args.arch, data=args.data,
+                         image_size=args.image_size, steps=args.steps,
+                         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, vflip=not args.no_vflip,
                          fpn_channels=args.fpn_channels, head_convs=args.head_convs,
                          seed=args.seed, init=args.init, ckpt_every=args.ckpt_every,

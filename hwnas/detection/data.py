@@ -5,10 +5,11 @@ COCO-format dataset.
 images, each with 2–5 objects of four classes — rectangle, ellipse, triangle, cross — filled with
 a solid colour or a two-colour stripe/checker texture, on a textured background (a random grating)
 with clutter (random line segments and small dots that are not objects) and pixel noise. Object
-sizes span COCO's three area ranges: ~35% small (< 32² px), ~45% medium, ~20% large (> 96² px, at
-most one per image). Objects are drawn largest first, and a placement is rejected if it would hide
-more than half of an earlier object's box, so there is partial occlusion but every object stays
-identifiable; a box is the tight extent of the object's full (amodal) shape.
+sizes span COCO's three area ranges: of the boxes, ~50% are small (< 32² px), ~45% medium and
+~6% large (> 96² px; one image in five has one). Objects are drawn largest first, and a
+placement is rejected if it would hide more than half of an earlier object's box, so there is
+partial occlusion but every object stays identifiable; a box is the tight extent of the object's
+full (amodal) shape.
 
 Why 128×128: on 2 CPU cores the detector's cost is dominated by its FPN + FCOS head, which scales
 with the number of P3 locations (16×16 at 128 px, 40×40 at 320 px), so 128 px trains ~6× faster
