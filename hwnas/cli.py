@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     _add_search_parsers(sub)
+    from hwnas.detection import cli as detect_cli  # torchvision: imported when building the CLI
+
+    detect_cli.add_parsers(sub)
     return ap
 
 
@@ -561,6 +564,15 @@ def cmd_search(args) -> None:
 
 
 COMMANDS.update({"supernet": cmd_supernet, "search": cmd_search})
+
+
+def cmd_detect(args) -> None:
+    from hwnas.detection import cli as detect_cli
+
+    detect_cli.cmd_detect(args)
+
+
+COMMANDS["detect"] = cmd_detect
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,8 @@ def test_contended_measurements_warn_or_are_refused(tmp_path, capsys):
 
 def test_profile_records_contention_and_canary(tiny_tables):
     t = LatencyTable.load(table_path(tiny_tables, "cpu-ort-fp32", "tiny", (1, 3, 32, 32)))
-    for part in ("ops", "calibration"):
-        c = t.meta["contention"][part]
-        assert 0 <= c["quiet_fraction"] <= 1 and c["rounds"] >= 3
+    c = t.meta["contention"]["profile"]  # ops, calibration and canary: one interleaved run
+    assert 0 <= c["quiet_fraction"] <= 1 and c["rounds"] >= 3
     assert t.meta["canary"]["arch"] == "tiny:0000" and t.meta["canary"]["latency_ms"] > 0
+    # the canary is one of the calibration candidates, timed in the same rounds as the ops
+    assert t.meta["canary"]["latency_ms"] == t.meta["calibration"]["measured_ms"][0]

@@ -95,14 +95,16 @@ def _others(holder: int) -> list:
 
 
 def gate_all_python(flag: Path, until: Path | None, poll_s: float) -> None:
-    stopped = []
+    stopped, last_scan = [], 0.0
     try:
         while until is None or not until.exists():
             try:
                 holder = int(flag.read_text().split()[0]) if measuring(flag) else None
             except (OSError, ValueError, IndexError):
                 holder = None
-            if holder is not None:  # (re)scan: a process started meanwhile is paused too
+            # (re)scan about once a second: a process started meanwhile is paused too
+            if holder is not None and time.monotonic() - last_scan > (1.0 if stopped else 0.0):
+                last_scan = time.monotonic()
                 known = {p.pid for p in stopped}
                 new = [p for p in _others(holder) if p.pid not in known]
                 for p in new:

@@ -164,40 +164,51 @@ def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
             raise UserError(f"latency table {table.path} was measured with another setup "
                             f"({'; '.join(diffs)}); adding rows here would mix them: pass "
                             "--tables DIR to build a separate table")
-    contention = table.meta.setdefault("contention", {})
-    if todo:
-        journal = table.path.with_suffix(".partial.json")
-        got = measure_labelled(todo, lambda k: (space.build_op(keys[k]), keys[k].in_shape),
-                               device, protocol, journal,
-                               desc=f"profiling {len(todo)} ops of {space.name}",
-                               progress=progress)
-        contention_check(got.contention, f"{table.path.name}'s ops", require_quiet, journal)
-        table.rows.update(got.stats)
+    # The missing ops, the calibration candidates and the canary are measured in ONE interleaved
+    # run: on a host whose speed drifts by 10-20% over tens of seconds (the AMD EPYC here), ops
+    # timed in one phase and whole candidates in another gave slopes of 1.6-1.7 and a fit error
+    # of 8%; sharing every round, the rows, the fit and the canary see the same host.
+    calibrate = calibration_n > 0 and (bool(todo) or table.meta.get("calibration") is None)
+    archs = calibration_archs(space, calibration_n, seed) if calibrate else []
+    canary = str(space.canary())
+    need_canary = bool(todo) or calibrate or not table.meta.get("canary")
+    labels = todo + [str(a) for a in archs] + ([canary] if need_canary and canary not in
+                                               {str(a) for a in archs} else [])
+    journal = table.path.with_suffix(".partial.json")
+    resumed = 0
+    if labels:
+        if todo and table.rows:
+            table.meta["calibration"] = None  # rows will change: the old fit no longer applies
+
+        def build(label: str):
+            if label in keys:
+                return space.build_op(keys[label]), keys[label].in_shape
+            return space.build(space.parse(label)), input_shape
+
+        what = (f"{len(todo)} ops, " if todo else "") + (
+            f"{len(archs)} calibration candidates" if archs else "the canary")
+        got = measure_labelled(labels, build, device, protocol, journal,
+                               desc=f"profiling {what} of {space.name}", progress=progress)
+        contention_check(got.contention, f"{table.path.name}", require_quiet, journal)
         resumed = got.resumed_rounds
-        contention["ops"] = got.contention.to_dict()
-        table.meta["calibration"] = None  # the rows changed: the old fit no longer applies
-        table.meta["canary"] = None
-        table.meta["fingerprint"] = device.fingerprint()
-        table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
-        table.save()
-        journal.unlink(missing_ok=True)
-    else:
-        resumed = 0
-        # a run killed between saving its rows and removing its journal leaves one behind
-        table.path.with_suffix(".partial.json").unlink(missing_ok=True)
-    record_host(root, table.meta["fingerprint"], device.name, table.meta["created"])
-    calibrated = False
-    if table.meta.get("calibration") is None and calibration_n > 0:
-        resumed += calibrate(table, device, space, input_shape, protocol, calibration_n, seed,
-                             progress, require_quiet)
-        calibrated = True
-    if not table.meta.get("canary"):
-        got = measure_labelled([str(space.canary())], candidate_builder(space, input_shape),
-                               device, protocol, progress=False)
-        contention_check(got.contention, "the canary", require_quiet)
+        table.rows.update({k: got.stats[k] for k in todo})
+        table.meta["contention"] = {"profile": got.contention.to_dict()}
+        if todo:
+            table.meta["fingerprint"] = device.fingerprint()
+            table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
+        if archs:
+            cal = fit_calibration(space, table, input_shape, archs,
+                                  [got.stats[str(a)].best_ms for a in archs])
+            table.meta["calibration"] = cal.to_dict()
+            table.meta["calibration_seed"] = seed
         set_canary(table, space, got.stats)
         table.save()
-    return ProfileReport(table, len(todo), len(keys) - len(todo), calibrated, resumed)
+    # a run killed between saving its rows and removing its journal leaves one behind; an
+    # older hwnas kept the calibration's rounds in a journal of their own
+    journal.unlink(missing_ok=True)
+    table.path.with_suffix(".calibration.partial.json").unlink(missing_ok=True)
+    record_host(root, table.meta["fingerprint"], device.name, table.meta["created"])
+    return ProfileReport(table, len(todo), len(keys) - len(todo), bool(archs), resumed)
 
 
 CANARY_WHAT = ("a fixed reference candidate (choice 0 at every layer) timed with the table; "
@@ -206,7 +217,8 @@ CANARY_WHAT = ("a fixed reference candidate (choice 0 at every layer) timed with
 
 
 def set_canary(table: LatencyTable, space: SearchSpace, stats: dict[str, LatencyStats],
-               source: str = "measured with the table") -> None:
+               source: str = "measured interleaved with the table's ops and calibration"
+               ) -> None:
     arch = str(space.canary())
     table.meta["canary"] = {"arch": arch, "latency_ms": stats[arch].best_ms,
                             "measured": now_iso(), "source": source, "what": CANARY_WHAT}
@@ -224,25 +236,3 @@ def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
     rest = space.sample_distinct(n - len(uniform), np.random.default_rng(seed),
                                  exclude={str(a) for a in uniform})
     return uniform + rest
-
-
-def calibrate(table: LatencyTable, device: Device, space: SearchSpace, input_shape: Shape,
-              protocol: Protocol, n: int, seed: int, progress: bool = True,
-              require_quiet: bool = False) -> int:
-    """Measure `n` whole candidates, store the fitted calibration and the canary (one of them)
-    in the sidecar. Returns the rounds resumed from an interrupted calibration."""
-    archs = calibration_archs(space, n, seed)
-    labels = [str(a) for a in archs]
-    journal = table.path.with_suffix(".calibration.partial.json")
-    got = measure_labelled(labels, candidate_builder(space, input_shape), device, protocol,
-                           journal, desc=f"calibrating on {n} candidates", progress=progress)
-    contention_check(got.contention, f"{table.path.name}'s calibration", require_quiet, journal)
-    cal = fit_calibration(space, table, input_shape, archs,
-                          [got.stats[lb].best_ms for lb in labels])
-    table.meta["calibration"] = cal.to_dict()
-    table.meta["calibration_seed"] = seed
-    table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
-    set_canary(table, space, got.stats, "measured with the calibration")
-    table.save()
-    journal.unlink(missing_ok=True)
-    return got.resumed_rounds

@@ -1,0 +1,172 @@
+"""`hwnas detect {train,eval,export,data}`: parsing → one library call → a line or one JSON object.
+
+Wired into `hwnas.cli` by `add_parsers(sub)` and ``COMMANDS.update(detection.cli.COMMANDS)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hwnas.errors import UserError
+
+
+def add_parsers(sub) -> None:
+    """Add the `detect` command (and its subcommands) to the top-level subparsers `sub`."""
+    from hwnas.detection.config import DetTrainConfig
+
+    d = DetTrainConfig()
+    p = sub.add_parser("detect", help="detection: train, evaluate, export a detector; make data")
+    dsub = p.add_subparsers(dest="detect_cmd", required=True)
+
+    t = dsub.add_parser("train", help="train (or resume) an FCOS detector on a candidate")
+    t.add_argument("--space", default=d.space, help=f"search space (default {d.space})")
+    t.add_argument("--arch", default=d.arch, help=f"backbone arch (default {d.arch})")
+    t.add_argument("--data", default=d.data, help="shapes-det or a COCO-format folder")
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("-o", "--output", required=True, type=Path, help="checkpoint (resumed if "
+                   "it exists)")
+    t.add_argument("--init", default=None, help="backbone init: a candidate state dict, or a "
+                   "supernet / detector checkpoint")
+    t.add_argument("--image-size", type=int, default=d.image_size)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--no-vflip", action="store_true", help="no vertical flips (natural images)")
+    t.add_argument("--fpn-channels", type=int, default=d.fpn_channels)
+    t.add_argument("--head-convs", type=int, default=d.head_convs)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = dsub.add_parser("eval", help="COCO metrics of a checkpoint or an exported ONNX file; "
+                        "with both, their detections compared image by image (parity)")
+    e.add_argument("--ckpt", type=Path, default=None)
+    e.add_argument("--onnx", type=Path, default=None)
+    e.add_argument("--data", default=None, help="default: the checkpoint's training data")
+    e.add_argument("--split", default="val")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="default: the checkpoint's (or the ONNX input's)")
+    e.add_argument("--json", action="store_true")
+
+    x = dsub.add_parser("export", help="deployable ONNX: backbone, neck, head, decode and NMS")
+    x.add_argument("--ckpt", type=Path, required=True)
+    x.add_argument("-o", "--output", type=Path, required=True)
+    x.add_argument("--score-thresh", type=float, default=None, help="default: the model's")
+    x.add_argument("--iou", type=float, default=None, help="NMS IoU (default: the model's)")
+    x.add_argument("--max-det", type=int, default=None, help="default: the model's")
+    x.add_argument("--force", action="store_true", help="overwrite an existing file")
+    x.add_argument("--json", action="store_true")
+
+    g = dsub.add_parser("data", help="generate shapes-det (COCO format) into a folder")
+    g.add_argument("-o", "--output", type=Path, default=None, help="default: the cache")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true")
+
+
+def _emit(args, obj: dict, line: str) -> None:
+    print(json.dumps(obj) if args.json else line)
+
+
+def _train(args) -> None:
+    from hwnas.detection.train import DetectorTrainer, DetTrainConfig
+
+    cfg = DetTrainConfig(space=args.space, arch=args.arch, data=args.data,
+                         image_size=args.image_size, steps=args.steps,
+                         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                         warmup_steps=args.warmup_steps, vflip=not args.no_vflip,
+                         fpn_channels=args.fpn_channels, head_convs=args.head_convs,
+                         seed=args.seed, init=args.init, ckpt_every=args.ckpt_every,
+                         threads=args.threads)
+    res = DetectorTrainer(cfg, args.output, progress=not args.quiet).run()
+    _emit(args, res, f"trained {res['arch']} to step {res['step']} → {res['checkpoint']} "
+          f"(loss {res['loss_ema']:.3f}, {res['images_per_s']} images/s)")
+
+
+def _eval(args) -> None:
+    from hwnas.detection.data import load_coco, resolve_data
+    from hwnas.detection.evaluate import evaluate
+    from hwnas.detection.train import load_detector
+
+    if args.ckpt is None and args.onnx is None:
+        raise UserError("give --ckpt FILE, --onnx FILE, or both (to compare them)")
+    det, meta, size = None, {}, args.image_size
+    if args.ckpt is not None:
+        det, meta = load_detector(args.ckpt)
+        size = size or det.cfg.image_size
+    else:
+        from hwnas.export import load_onnx, onnx_input_shape
+        size = size or onnx_input_shape(load_onnx(args.onnx))[2]
+    spec = args.data or meta.get("config", {}).get("data")
+    if spec is None:
+        raise UserError("--onnx needs --data (shapes-det or a COCO-format folder)")
+    split = load_coco(resolve_data(spec), args.split, size)
+    if meta and list(split.cat_ids) != list(meta["cat_ids"]):
+        raise UserError(f"the data's categories {split.cat_ids} are not the checkpoint's "
+                        f"{meta['cat_ids']}; evaluate on data with the same categories")
+    if det is not None and args.onnx is not None:
+        from hwnas.detection.export import parity
+
+        p = parity(det, args.onnx, split)
+        p.update({"split": args.split, "ckpt_path": str(args.ckpt), "onnx_path": str(args.onnx)})
+        _emit(args, p, f"{p['images_ok']}/{p['images']} images agree ({p['matched']}/"
+              f"{p['detections_torch']} torch detections matched, max box rel err "
+              f"{p['max_box_rel_err']:.2e}); AP torch {p['torch']['AP']:.4f} onnx "
+              f"{p['onnx']['AP']:.4f}")
+        return
+    m = evaluate(split, det=det, onnx=args.onnx)
+    m.update({"split": args.split, "model": str(args.ckpt or args.onnx)})
+    _emit(args, m, " ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
+                                                         "APl")) + f" ({m['images']} images)")
+
+
+def _export(args) -> None:
+    from hwnas.detection.export import export_detector
+    from hwnas.detection.train import load_detector
+
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} exists; pass --force to overwrite it")
+    det, meta = load_detector(args.ckpt)
+    res = export_detector(det, args.output, score_thresh=args.score_thresh, iou=args.iou,
+                          max_det=args.max_det)
+    res["classes"], res["cat_ids"] = meta["classes"], meta["cat_ids"]
+    _emit(args, res, f"wrote {res['path']} ({res['nms_nodes']} NonMaxSuppression node, "
+          f"max_det {res['max_det']}, input {res['input_shape']})")
+
+
+def _data(args) -> None:
+    from hwnas.detection.data import generate_shapes_det
+
+    root = generate_shapes_det(args.output, seed=args.seed)
+    _emit(args, {"path": str(root)}, f"shapes-det in {root}")
+
+
+def cmd_detect(args) -> None:
+    {"train": _train, "eval": _eval, "export": _export, "data": _data}[args.detect_cmd](args)
+
+
+COMMANDS = {"detect": cmd_detect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m hwnas.detection.cli detect …``) until `hwnas.cli`
+    wires the command; same exit codes (2 and one line for a `UserError`)."""
+    ap = argparse.ArgumentParser(prog="hwnas")
+    add_parsers(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(argv)
+    try:
+        COMMANDS[args.cmd](args)
+    except UserError as e:
+        print(f"hwnas {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
