@@ -61,6 +61,21 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_writable(path: Path) -> None:
+    """Before expensive work: a `UserError` if `path` (a file to be written) cannot be, because
+    its folder cannot be made or written, or it is a folder itself."""
+    path = Path(path)
+    _check_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r} ({e.strerror or e}); choose another output "
+                        "or fix the folder's permissions") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     with atomic_path(path) as tmp:

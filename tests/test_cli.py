@@ -180,3 +180,16 @@ def test_default_budget_fits_tiny_spaces(tiny_tables, tiny):
     for seed in range(5):
         arch, predicted, _, budget = pick_most_macs(pred, None, 500, seed)
         assert predicted <= budget and budget >= pred.fastest_ms()
+
+
+def test_unwritable_outputs_are_refused_before_measuring(tables_copy, tmp_path):
+    blocker = tmp_path / "a-file"  # a file where the output's folder should be (works as root,
+    blocker.write_text("x")  # which a read-only mode would not stop)
+    proc = run_cli("validate", *DEV, "--space", "tiny", "--tables", tables_copy, "--n", "2",
+                   "--out", blocker / "v")
+    assert_user_error(proc, "cannot write")
+    assert blocker.read_text() == "x"
+    # a folder where a file should go: refused before measuring too
+    (tmp_path / "dir.json").mkdir()
+    assert_user_error(run_cli("noise", *DEV, "--arch", "tiny:0000", "--processes", "2",
+                              "--out", tmp_path / "dir.json"), "is a folder")
