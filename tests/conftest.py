@@ -57,3 +57,38 @@ def run_cli(*args, check_rc=None, timeout=300):
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr
     return proc
+
+
+SMALL = {"train": 64, "val": 20, "test": 20}
+
+
+@pytest.fixture(scope="session")
+def splits(tmp_path_factory):
+    """Small proxy splits of the built-in `shapes` data at 32 px, generated into a private cache."""
+    import os
+
+    from hwnas.data import load_data
+
+    old = os.environ.get("HWNAS_CACHE")
+    os.environ["HWNAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return load_data("shapes", 32, SMALL)
+    finally:
+        if old is None:
+            os.environ.pop("HWNAS_CACHE")
+        else:
+            os.environ["HWNAS_CACHE"] = old
+
+
+def class_folders(root, size=16, per_class=6):
+    """Two class folders ('a', 'b') of random `size`-px PNGs under `root`; returns `root`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    return root

@@ -45,6 +45,10 @@ def test_devices_json():
     (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:0129"), "out of range"),
     (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:0123", "--input", "1x3x"),
      "NxCxHxW"),
+    (("--device", "cpu-ort-fp32", "--space", "det20-w0.01", "--arch", "det20-w0.01:" + "0" * 20),
+     "too small"),
+    (("--device", "cpu-ort-fp32", "--space", "tiny", "--arch", "tiny:0123", "--input",
+      "64x3x4096x4096"), "elements"),
 ])
 def test_bad_arguments(tiny_tables, args, frag):
     assert_user_error(run_cli("predict", *args, "--tables", tiny_tables), frag)
@@ -193,3 +197,16 @@ def test_unwritable_outputs_are_refused_before_measuring(tables_copy, tmp_path):
     (tmp_path / "dir.json").mkdir()
     assert_user_error(run_cli("noise", *DEV, "--arch", "tiny:0000", "--processes", "2",
                               "--out", tmp_path / "dir.json"), "is a folder")
+
+
+def test_onnx_with_symbolic_dims_is_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
+    g = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "sym.onnx")
+    assert_user_error(run_cli("measure", *DEV, "--onnx", tmp_path / "sym.onnx"),
+                      "symbolic or unknown dimensions")

@@ -11,9 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from conftest import class_folders, run_cli
+
 from hwnas import locks
 from hwnas.errors import UserError
-from tests.conftest import run_cli
+
 
 HOLD = textwrap.dedent("""
     import sys, time
@@ -88,14 +90,7 @@ def test_search_refuses_a_state_another_process_writes(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_cli_refuses_two_trainings_into_one_checkpoint(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / c / f"{i}.png")
+    class_folders(tmp_path / "data")
     ck = tmp_path / "sn.pt"
     args = ["supernet", "train", "--space", "tiny", "--data", tmp_path / "data",
             "--image-size", 16, "--warmup-steps", 0, "--match-steps", 0, "--batch-size", 4,

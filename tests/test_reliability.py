@@ -11,6 +11,8 @@ import zlib
 
 import numpy as np
 import pytest
+
+from conftest import class_folders
 import torch
 
 from hwnas import argtypes
@@ -21,20 +23,7 @@ from hwnas.search import SearchResult
 from hwnas.train import SupernetScorer, SupernetTrainer, TrainConfig, load_supernet
 from hwnas.train.supernet import FORMAT, read_checkpoint
 
-SMALL = {"train": 64, "val": 20, "test": 20}
 
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    old = os.environ.get("HWNAS_CACHE")
-    os.environ["HWNAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return load_data("shapes", 32, SMALL)
-    finally:
-        if old is None:
-            os.environ.pop("HWNAS_CACHE")
-        else:
-            os.environ["HWNAS_CACHE"] = old
 
 
 def cfg(**kw):
@@ -239,14 +228,7 @@ def test_decompression_bomb_in_data_refused(tmp_path, side):
 
 
 def test_data_folder_relative_then_absolute_resumes(tmp_path, monkeypatch):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / c / f"{i}.png")
+    class_folders(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     c = dict(data="data", image_size=16, batch_size=4)
     with SupernetTrainer(cfg(**c), "ck.pt", progress=False) as tr:

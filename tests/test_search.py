@@ -12,7 +12,7 @@ from hwnas.hosts import known_hosts
 from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
 from hwnas.search import EvolutionSearch, PCNASSearch, RandomSearch, SearchResult
 from hwnas.spaces import get_space
-from tests.conftest import run_cli
+from conftest import run_cli
 
 SMALL_EVO = dict(population=12, parents=4, mutations=6, crossovers=6)
 

@@ -5,29 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from hwnas.data import load_data
 from hwnas.errors import UserError
 from hwnas.spaces import get_space
 from hwnas.train import (SupernetScorer, SupernetTrainer, TrainConfig, load_supernet,
                          proxy_arch, train_standalone)
 from hwnas.train.supernet import read_checkpoint
 
-SMALL = {"train": 64, "val": 20, "test": 20}
 
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    import os
-
-    old = os.environ.get("HWNAS_CACHE")
-    os.environ["HWNAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return load_data("shapes", 32, SMALL)
-    finally:
-        if old is None:
-            os.environ.pop("HWNAS_CACHE")
-        else:
-            os.environ["HWNAS_CACHE"] = old
 
 
 def cfg(**kw):

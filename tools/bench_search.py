@@ -34,6 +34,7 @@ import numpy as np
 from hwnas.data import load_data
 from hwnas.devices import load_device
 from hwnas.latency import LatencyTable, LutPredictor, table_path, tables_dir
+from hwnas.latency.table import host_dir
 from hwnas.search import METHODS
 from hwnas.spaces import get_space
 from hwnas.train import SupernetScorer, SupernetTrainer, TrainConfig, load_supernet
@@ -278,7 +279,8 @@ def report(ledger: Ledger, b: Bench) -> None:
     searches = [r for r in ledger.rows if r["key"].startswith("search:")]
     meas = {r["key"].split(":", 1)[1]: r["measured_ms"] for r in ledger.rows
             if r["key"].startswith("measured:")}
-    noise = json.loads((tables_dir() / b.device / "noise.json").read_text())["noise_floor_pct"]
+    noise = json.loads((host_dir(tables_dir(), b.device) / "noise.json").read_text()
+                       )["noise_floor_pct"]
     budgets = sorted({float(r["key"].split(":")[2]) for r in searches})
     print(f"{'budget':>7} {'method':<10} {'n':>2} {'stand-alone acc %':>18} {'supernet %':>11} "
           f"{'pred ms':>8} {'measured ms (max)':>18} {'evals':>6}")

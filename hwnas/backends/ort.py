@@ -117,6 +117,13 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own non-exported exception types
             raise UserError(f"onnxruntime cannot load {onnx_path}: {first_line(e)}") from None
+        symbolic = [(i.name, i.shape) for i in self.session.get_inputs()
+                    if not all(isinstance(d, int) and d > 0 for d in i.shape)]
+        if symbolic:
+            name, shape = symbolic[0]
+            raise UserError(f"{onnx_path}: input {name!r} has symbolic or unknown dimensions "
+                            f"{shape}; hwnas times fixed shapes: export the model with a fixed "
+                            "input shape (as `hwnas export` does)")
         self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(_DTYPES.get(i.type, np.float32)))
                        for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]

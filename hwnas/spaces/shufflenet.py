@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hwnas.errors import UserError
 from hwnas.spaces.base import Arch, FeatureInfo, Gene, OpKey, SearchSpace, Shape
 from hwnas.spaces.layers import KERNEL, ChoiceBlock, Head, Stem
 
@@ -83,6 +84,13 @@ class ShuffleNetSpace(SearchSpace):
         self.stage_channels = tuple(_round_channels(c * w) for c in cfg.stage_channels)
         self.stage_ends = tuple(sum(cfg.stage_repeats[:i + 1])
                                 for i in range(len(cfg.stage_repeats)))
+        prev = self.stem_channels
+        for c in self.stage_channels:  # a stage's first block concatenates its input with
+            if c <= prev:  # (c - input) new channels: a width so small that c ≤ input has none
+                raise UserError(f"space {self.name}: width {cfg.width_mult:g} is too small (stage "
+                                f"channels {list(self.stage_channels)} after a stem of "
+                                f"{self.stem_channels} must grow); use a larger multiplier")
+            prev = c
 
     def op_keys(self, arch: Arch, input_shape: Shape | None = None,
                 precision: str = "fp32") -> list[OpKey]:
