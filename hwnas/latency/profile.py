@@ -192,7 +192,10 @@ def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         contention_check(got.contention, f"{table.path.name}", require_quiet, journal)
         resumed = got.resumed_rounds
         table.rows.update({k: got.stats[k] for k in todo})
-        table.meta["contention"] = {"profile": got.contention.to_dict()}
+        if todo:  # the record of this run covers the rows; else it adds the recalibration's
+            table.meta["contention"] = {"profile": got.contention.to_dict()}
+        else:
+            table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
         if todo:
             table.meta["fingerprint"] = device.fingerprint()
             table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
