@@ -5,7 +5,11 @@ reference on the same seeded standard-normal input, and reports per device the l
 output difference and the scale-relative one (max |out − ref| / max |ref|, the measure
 `check_export` uses, so it means the same for outputs of any magnitude), whether that is within
 the tolerance of the device's precision, and its latency measured with the protocol (all
-devices interleaved round by round, so the host's slow regimes touch each alike).
+devices interleaved round by round, so the host's slow regimes touch each alike). A deployable
+detector (outputs boxes, scores, labels, num_dets) is compared by matched detections instead:
+same count, every detection matched to one of the same label, boxes within the precision's
+tolerance; `max_abs_diff` is then the largest score difference and `max_rel_diff` the largest
+relative box difference.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class DeviceResult:
     latency_ms: float  # the protocol's best_ms
     median_ms: float
     spread: float
+    detections: dict | None = None  # deployable detectors: matched detections vs the reference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +89,33 @@ def output_diff(outs: list[np.ndarray], refs: list[np.ndarray]) -> tuple[float, 
     return max_abs, max_abs / (scale or 1.0)
 
 
+def as_detections(outs: list[np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The detections of a deployable detector's outputs (`boxes [1, D, 4]`, `scores [1, D]`,
+    `labels [1, D]` int, `num_dets [1]` int; see hwnas.detection.export), or None for a model
+    with other outputs."""
+    if len(outs) != 4:
+        return None
+    boxes, scores, labels, num = (np.asarray(o) for o in outs)
+    if not (boxes.ndim == 3 and boxes.shape[2] == 4 and scores.shape == boxes.shape[:2]
+            and labels.shape == scores.shape and labels.dtype.kind == "i"
+            and num.shape == (1,) and num.dtype.kind == "i"):
+        return None
+    n = int(num[0])
+    return {"boxes": boxes[0, :n], "scores": scores[0, :n], "labels": labels[0, :n]}
+
+
+def detection_diff(outs: list[np.ndarray], refs: list[np.ndarray], tol: float) -> dict | None:
+    """Detectors are compared by matched detections, not element-wise (runtimes may order ties
+    differently, and a padded row means nothing): same count, every detection matched to one of
+    the same label, boxes within `tol` relative (hwnas.detection.export.compare_detections)."""
+    a, b = as_detections(outs), as_detections(refs)
+    if a is None or b is None:
+        return None
+    from hwnas.detection.export import compare_detections
+
+    return compare_detections(a, b, rel_tol=tol)
+
+
 def compare(onnx_path: str | Path, devices: list[Device], protocol: Protocol = Protocol(),
             module=None, seed: int = 0) -> list[DeviceResult]:
     """Run `onnx_path` (and `module`, for backends that run torch modules) on every device."""
@@ -96,13 +128,18 @@ def compare(onnx_path: str | Path, devices: list[Device], protocol: Protocol = P
         ref = stack.enter_context(compile_model(onnx_path, reference_device()))
         rng = np.random.default_rng(seed)
         feed = ref.random_feed(rng)
-        refs = [np.asarray(r, np.float64) for r in ref.run(feed)]
+        raw_refs = [np.asarray(r) for r in ref.run(feed)]
+        refs = [r.astype(np.float64) for r in raw_refs]
         runners = [stack.enter_context(compile_model(onnx_path, d, module=module))
                    for d in devices]
-        diffs = []
+        diffs, dets = [], []
         for d, r in zip(devices, runners):
             local = {s.name: feed[s.name].astype(s.dtype) for s in r.inputs}
-            diffs.append(output_diff([np.asarray(o) for o in r.run(local)], refs))
+            outs = [np.asarray(o) for o in r.run(local)]
+            det = detection_diff(outs, raw_refs, TOLERANCES.get(d.precision, 0.0))
+            dets.append(det)
+            diffs.append((det["score_abs_err"], det["box_rel_err"]) if det is not None
+                         else output_diff(outs, refs))
         stats = measure_interleaved(runners, protocol).stats
     out = []
     for d, (abs_d, rel_d), s in zip(devices, diffs, stats):
@@ -110,8 +147,9 @@ def compare(onnx_path: str | Path, devices: list[Device], protocol: Protocol = P
         if tol is None:
             raise UserError(f"device {d.name}: no stated tolerance for precision "
                             f"{d.precision!r} (known: {', '.join(TOLERANCES)})")
-        out.append(DeviceResult(d.name, d.backend, d.precision, abs_d, rel_d, tol,
-                                rel_d <= tol, s.best_ms, s.median_ms, s.spread))
+        ok = dets[len(out)]["ok"] if dets[len(out)] is not None else rel_d <= tol
+        out.append(DeviceResult(d.name, d.backend, d.precision, abs_d, rel_d, tol, ok,
+                                s.best_ms, s.median_ms, s.spread, dets[len(out)]))
     return out
 
 
@@ -133,5 +171,7 @@ def lines(results: list[DeviceResult], what: str) -> list[str]:
     for r in results:
         out.append(f"{r.device:<20} {r.precision:<5} {r.max_abs_diff:>10.3g} "
                    f"{r.max_rel_diff:>10.3g} {r.tolerance:>7.0e} "
-                   f"{'yes' if r.within_tolerance else 'NO':<3} {r.latency_ms:>10.4f}")
+                   f"{'yes' if r.within_tolerance else 'NO':<3} {r.latency_ms:>10.4f}"
+                   + (f"  detections {r.detections['matched']}/{r.detections['count_b']} matched"
+                      f" ({r.detections['count_a']} here)" if r.detections else ""))
     return out

@@ -18,6 +18,7 @@ from PIL import Image
 from hwnas.detection.cli import COMMANDS, add_parsers
 from hwnas.detection.data import generate_shapes_det, letterbox, load_coco
 from hwnas.detection.evaluate import coco_metrics, detect_onnx, detect_torch
+from conftest import FAST
 from hwnas.detection.export import compare_detections, export_detector, nms_nodes
 from hwnas.detection.model import (DetectorConfig, build_detector, candidate_state_from,
                                    init_backbone)
@@ -327,3 +328,18 @@ def test_cli_data_writes_a_coco_folder(tmp_path, monkeypatch, capsys):
     root = json.loads(capsys.readouterr().out)["path"]
     assert len(load_coco(root, "test", 64)) == 1
     shutil.rmtree(root)
+
+
+def test_compare_matches_detections_not_elements(tmp_path):
+    """`hwnas compare` on a deployable detector: matched detections against onnxruntime fp32,
+    on an input with a full max_det of detections (a forced class bias)."""
+    from hwnas.compare import as_detections, compare
+    from hwnas.devices import load_device
+
+    det = forced(build_detector(tiny_cfg()), 4.0)
+    export_detector(det, tmp_path / "d.onnx", max_det=20)
+    (r,) = compare(tmp_path / "d.onnx", [load_device("cpu-ort-fp32")], FAST)
+    assert r.detections is not None and r.detections["count_b"] == 20
+    assert r.detections["matched"] == 20 and r.within_tolerance
+    # a classifier's outputs are not detections: compared element-wise as before
+    assert as_detections([np.zeros((1, 10), np.float32)]) is None
