@@ -192,13 +192,12 @@ def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
         contention_check(got.contention, f"{table.path.name}", require_quiet, journal)
         resumed = got.resumed_rounds
         table.rows.update({k: got.stats[k] for k in todo})
-        if todo:  # the record of this run covers the rows; else it adds the recalibration's
+        if todo:  # this run's record covers the rows; a recalibration adds its own beside
             table.meta["contention"] = {"profile": got.contention.to_dict()}
-        else:
-            table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
-        if todo:
             table.meta["fingerprint"] = device.fingerprint()
             table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
+        else:
+            table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
         if archs:
             cal = fit_calibration(space, table, input_shape, archs,
                                   [got.stats[str(a)].best_ms for a in archs])

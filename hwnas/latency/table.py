@@ -208,8 +208,8 @@ class LatencyTable:
             msg = (f"latency table {self.path} was measured on another machine or setup "
                    f"({'; '.join(diffs)})")
             if strict:
-                raise UserError(msg + "; rebuild it here with `hwnas profile --tables DIR`, or "
-                                "drop --strict to use it anyway")
+                raise UserError(msg + "; rebuild it with `hwnas profile` (--tables DIR for a "
+                                "separate folder), or drop --strict to use it anyway")
             print(f"warning: {msg}; predictions may not hold here", file=sys.stderr)
         return diffs
 

@@ -1,0 +1,38 @@
+"""The Backend contract, for every registered backend: one way to refuse unknown options and
+precisions, GPU use and package facts owned by the backend, no backend facts elsewhere."""
+
+import pytest
+
+from hwnas.backends import BACKENDS, backend_available, get_backend
+from hwnas.backends.base import Backend
+from hwnas.devices import Device, list_devices
+from hwnas.errors import UserError
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_refuses_unknown_options_and_precisions_alike(name):
+    b = get_backend(name)
+    assert isinstance(b, Backend) and b.name == name and b.packages and b.options
+    bad = Device("t", name, b.precisions[0], 1, "", {"no_such_option": 1})
+    with pytest.raises(UserError, match=rf"device t: unknown {b.title} option\(s\) "
+                                        r"\['no_such_option'\]; known: "):
+        b.check_device(bad)
+    ok, why = backend_available(bad)
+    assert not ok and "no_such_option" in why
+    with pytest.raises(UserError, match=rf"precision 'int4' is not one the {b.title} backend"):
+        b.check_device(Device("t", name, "int4", 1, "", {}))
+
+
+def test_gpu_use_and_versions_come_from_the_backend():
+    by_name = {d.name: d for d in list_devices()}
+    for d in by_name.values():
+        fp = d.fingerprint()
+        b = get_backend(d.backend)
+        assert fp["uses_gpu"] == b.uses_gpu(d) == d.name.startswith("gpu-")
+        assert b.version(fp["packages"]) == next(
+            (fp["packages"][p] for p in b.packages if p in fp["packages"]), None)
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(UserError, match="unknown backend 'nope'"):
+        get_backend("nope")
