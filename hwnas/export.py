@@ -31,25 +31,34 @@ OPSET = 17
 INPUT_NAME = "input"
 
 
-def export_onnx(module: nn.Module, input_shape: Shape, path: str | Path,
+def input_names(n: int) -> list[str]:
+    """``input`` for a one-input model; ``input``, ``input1``, … for an op with several inputs
+    (an `OpKey` with `extra_inputs`, such as an FPN merge)."""
+    return [INPUT_NAME] + [f"{INPUT_NAME}{i}" for i in range(1, n)]
+
+
+def export_onnx(module: nn.Module, input_shape: Shape | tuple[Shape, ...], path: str | Path,
                 output_names: list[str] | None = None) -> Path:
-    """Write `module` (eval mode, fixed `input_shape`) to `path` atomically and check it.
+    """Write `module` (eval mode, fixed `input_shape`, or a tuple of shapes for a module of
+    several inputs) to `path` atomically and check it.
 
     The file appears only once complete and valid (`onnx.checker`); an existing file at `path`
     is replaced only then.
     """
     path = Path(path)
     module = module.eval()
-    x = torch.zeros(input_shape)
+    shapes = (tuple(input_shape) if isinstance(input_shape[0], (tuple, list))
+              else (tuple(input_shape),))
+    xs = tuple(torch.zeros(s) for s in shapes)
     with atomic_path(path, ".onnx") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            kwargs = dict(input_names=[INPUT_NAME], output_names=output_names,
+            kwargs = dict(input_names=input_names(len(xs)), output_names=output_names,
                           opset_version=OPSET, do_constant_folding=True)
             try:
-                torch.onnx.export(module, (x,), str(tmp), dynamo=False, **kwargs)
+                torch.onnx.export(module, xs, str(tmp), dynamo=False, **kwargs)
             except TypeError:  # a torch without the legacy path
-                torch.onnx.export(module, (x,), str(tmp), **kwargs)
+                torch.onnx.export(module, xs, str(tmp), **kwargs)
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
 

@@ -2,6 +2,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import FAST
 from hwnas.errors import UserError
 from hwnas.export import check_export, export_onnx, layer_of_node, load_onnx, onnx_input_shape
 from hwnas.spaces import SPACES, get_space
@@ -59,3 +60,27 @@ def test_export_replaces_atomically(tmp_path):
     export_onnx(space.build(space.arch([0] * 4)), space.default_input, path)
     assert load_onnx(path) is not None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ops_of_several_inputs_export_and_measure(device, tmp_path):
+    """An op keyed with `extra_inputs` (an FPN-style merge: upsample the coarse level, add)
+    exports with one ONNX input per shape and is measured like any other item."""
+    import torch
+    from torch import nn
+
+    from hwnas.backends import compiled
+    from hwnas.measure import measure
+    from hwnas.spaces import OpKey
+
+    class Merge(nn.Module):
+        def forward(self, fine, coarse):
+            return fine + nn.functional.interpolate(coarse, scale_factor=2.0, mode="nearest")
+
+    key = OpKey("merge", (1, 8, 8, 8), 8, extra_inputs=((1, 8, 4, 4),))
+    with compiled(Merge(), key.in_shapes, device, tmp_path / "m.onnx") as runner:
+        assert [s.name for s in runner.inputs] == ["input", "input1"]
+        assert [s.shape for s in runner.inputs] == list(key.in_shapes)
+        feed = runner.random_feed()
+        ref = Merge()(*(torch.from_numpy(feed[s.name]) for s in runner.inputs)).numpy()
+        assert np.allclose(runner.run(feed)[0], ref, atol=1e-6)
+        assert measure(runner, FAST).best_ms > 0
