@@ -42,35 +42,39 @@ from hwnas.export import export_onnx
 OUTPUTS = ["boxes", "scores", "labels", "num_dets"]
 
 
-class DeployableDetector(nn.Module):
-    """[1, 3, S, S] → boxes [1, D, 4], scores [1, D], labels [1, D] int64, num_dets [1] int64
-    with D = max_det (see the module docstring); a static graph for export."""
+class StaticPost(nn.Module):
+    """The deployable post-processing alone: the head's raw outputs
+    (cls_logits [1, HWA, C], bbox_regression [1, HWA, 4], bbox_ctrness [1, HWA, 1]) →
+    boxes [1, D, 4], scores [1, D], labels [1, D] int64, num_dets [1] int64, D = max_det.
+    A module of its own so a latency table can price it as one op (decode + NMS at the
+    exported pre-NMS top-k)."""
 
     def __init__(self, det: Detector, score_thresh: float, iou: float, max_det: int):
         super().__init__()
-        self.det = det.eval()
         self.score_thresh, self.iou, self.max_det = float(score_thresh), float(iou), int(max_det)
+        self.topk, self.box_coder = det.topk_candidates, det.box_coder
+        self.image_hw = (det.cfg.image_size, det.cfg.image_size)
         anchors, self.per_level = det.anchors()
         self.register_buffer("anchors", anchors, persistent=False)  # [HWA, 4] xyxy
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.det(x)
-        cls, reg, ctr = (out[k][0] for k in ("cls_logits", "bbox_regression", "bbox_ctrness"))
+    def forward(self, cls_logits: torch.Tensor, bbox_regression: torch.Tensor,
+                bbox_ctrness: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cls, reg, ctr = cls_logits[0], bbox_regression[0], bbox_ctrness[0]
         num_classes = cls.shape[1]
         scores_all = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr))  # [HWA, C]
         boxes, scores, labels = [], [], []
         start = 0
         for n in self.per_level:  # python ints: the loop unrolls into the graph
             flat = scores_all[start:start + n].reshape(-1)  # [n·C]
-            v, idx = flat.topk(min(self.det.topk_candidates, n * num_classes))
+            v, idx = flat.topk(min(self.topk, n * num_classes))
             anchor = torch.div(idx, num_classes, rounding_mode="floor") + start
-            b = self.det.box_coder.decode(reg[anchor], self.anchors[anchor])  # [k, 4] xyxy
-            boxes.append(box_ops.clip_boxes_to_image(b, (x.shape[2], x.shape[3])))
+            b = self.box_coder.decode(reg[anchor], self.anchors[anchor])  # [k, 4] xyxy
+            boxes.append(box_ops.clip_boxes_to_image(b, self.image_hw))
             scores.append(v)
             labels.append(idx % num_classes)
             start += n
         boxes_k, scores_k, labels_k = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        offset = (labels_k.to(boxes_k.dtype) * float(max(x.shape[2], x.shape[3]) + 1))[:, None]
+        offset = (labels_k.to(boxes_k.dtype) * float(max(self.image_hw) + 1))[:, None]
         keep = torch.ops.torchvision.nms(boxes_k + offset, scores_k, self.iou)  # [M] by score
         # pad to max_det with the index of a dummy row (score −1, never valid)
         k = boxes_k.shape[0]
@@ -84,6 +88,23 @@ class DeployableDetector(nn.Module):
                 torch.where(valid, scores_x, torch.zeros_like(scores_x))[None],
                 torch.where(valid, labels_x, torch.full_like(labels_x, -1))[None],
                 num.to(torch.int64))
+
+
+class DeployableDetector(nn.Module):
+    """[1, 3, S, S] → boxes [1, D, 4], scores [1, D], labels [1, D] int64, num_dets [1] int64
+    with D = max_det (see the module docstring); a static graph for export: the detector, then
+    `StaticPost`."""
+
+    def __init__(self, det: Detector, score_thresh: float, iou: float, max_det: int):
+        super().__init__()
+        self.det = det.eval()
+        self.post = StaticPost(det, score_thresh, iou, max_det)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.shape[-2:] != self.post.image_hw:
+            raise ValueError(f"detector built for {self.post.image_hw}, got {tuple(x.shape)}")
+        out = self.det(x)
+        return self.post(out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"])
 
 
 def nms_nodes(path: str | Path) -> int:

@@ -181,8 +181,8 @@ def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
             table.meta["calibration"] = None  # rows will change: the old fit no longer applies
 
         def build(label: str):
-            if label in keys:
-                return space.build_op(keys[label]), keys[label].in_shape
+            if label in keys:  # an op: one input per shape (an FPN takes every level)
+                return space.build_op(keys[label]), keys[label].in_shapes
             return space.build(space.parse(label)), input_shape
 
         what = (f"{len(todo)} ops, " if todo else "") + (

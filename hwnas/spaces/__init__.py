@@ -59,6 +59,20 @@ def tiny_mixed(width: float = 1.0) -> SearchSpace:
         layer_choices=(GENES, tuple(d), (GENES[0],), tuple(d[:2]) + (d[4],))))
 
 
+def _detector_space(backbone: str, image_size: int):
+    def factory(width: float = 1.0) -> SearchSpace:
+        from hwnas.detection.space import DetectorSpace  # torchvision: only when asked for
+
+        return DetectorSpace(backbone, width, image_size)
+    factory.__doc__ = (f"FCOS detectors on {backbone} candidates at {image_size} px (FPN, head "
+                       "and post-processing priced as ops; hwnas.detection.space)")
+    return factory
+
+
+register_space("det20-fcos")(_detector_space("det20", 128))
+register_space("tiny-fcos")(_detector_space("tiny", 64))
+
+
 def get_space(name: str) -> SearchSpace:
     """The space called `name` (optionally ``<name>-w<width multiplier>``)."""
     base, _, width = name.partition("-w")

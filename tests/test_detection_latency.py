@@ -1,0 +1,48 @@
+"""Detector latency from the table: a detector space's ops (backbone blocks, FPN, FCOS head,
+post-processing with NMS) profiled into a real table, priced, and checked against whole
+deployable detectors measured with the protocol (numbers are not asserted, only the plumbing)."""
+
+import numpy as np
+import pytest
+
+from conftest import FAST, run_cli
+from hwnas.latency import LatencyTable, LutPredictor, table_path
+from hwnas.latency.profile import profile
+from hwnas.latency.validate import validate
+from hwnas.spaces import get_space
+
+
+@pytest.fixture(scope="module")
+def det_tables(tmp_path_factory, device):
+    root = tmp_path_factory.mktemp("det_tables")
+    space = get_space("tiny-fcos")
+    profile(device, space, space.default_input, root, FAST, calibration_n=6, progress=False)
+    return root
+
+
+def test_detector_ops_are_the_backbone_blocks_fpn_head_and_post():
+    space = get_space("tiny-fcos")
+    keys = space.op_keys(space.canary())
+    kinds = [k.kind for k in keys]
+    assert kinds[0] == "stem" and "head" not in kinds  # no classifier in a detector
+    assert kinds[-3:] == ["fpn", "fcos_head2", "fcos_post_k1000"]
+    fpn = keys[-3]
+    assert [s[1] for s in fpn.in_shapes] == [f.channels for f in space.feature_info()]
+    post = keys[-1]
+    assert post.in_shapes[0][1] == sum(s[2] * s[3] for s in fpn.in_shapes)  # every location
+    assert space.num_choices == get_space("tiny").num_choices
+
+
+def test_detectors_are_priced_and_validated_from_the_table(det_tables, device, tmp_path):
+    space = get_space("tiny-fcos")
+    t = LatencyTable.load(table_path(det_tables, device, space.name, space.default_input))
+    assert len(t.rows) == len(space.unique_op_keys())
+    assert any(k.startswith("fcos_post") for k in t.rows)
+    pred = LutPredictor(t, space)
+    archs = space.sample_distinct(8, np.random.default_rng(0))
+    assert np.allclose(pred.predict_many(archs), [pred.predict(a) for a in archs])
+    rep = validate(pred, device, 4, 1, tmp_path / "v", protocol=FAST, progress=False)
+    assert rep.n == 4 and rep.drift is not None  # whole deployable detectors, NMS inside
+    d = run_cli("predict", "--device", "cpu-ort-fp32", "--space", "tiny-fcos", "--arch",
+                "tiny-fcos:0123", "--tables", det_tables, "--json", check_rc=0)
+    assert '"latency_ms"' in d.stdout
