@@ -31,6 +31,16 @@ def test_detector_ops_are_the_backbone_blocks_fpn_head_and_post():
     post = keys[-1]
     assert post.in_shapes[0][1] == sum(s[2] * s[3] for s in fpn.in_shapes)  # every location
     assert space.num_choices == get_space("tiny").num_choices
+    # the walk matches the built (deployable) detector's own shapes, level by level
+    import torch
+
+    model = space.build(space.canary())
+    with torch.no_grad():
+        feats = list(model.det.backbone(torch.zeros(space.default_input)).values())
+        out = model.det(torch.zeros(space.default_input))
+    assert [tuple(f.shape) for f in feats] == list(fpn.in_shapes)
+    assert tuple(out["cls_logits"].shape) == post.in_shapes[0]
+    assert tuple(out["bbox_regression"].shape) == post.in_shapes[1]
 
 
 def test_detectors_are_priced_and_validated_from_the_table(det_tables, device, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from hwnas.errors import UserError
 from hwnas.spaces import SPACES, OpKey, count_macs, get_space
 from hwnas.spaces.layers import split_shuffle
+from hwnas.spaces.shufflenet import ShuffleNetSpace
 
 ALL = list(SPACES)
 
@@ -75,6 +76,10 @@ def test_det_spaces_follow_the_papers():
 @pytest.mark.parametrize("name", ALL)
 def test_op_keys_walk_matches_the_built_model(name):
     space = get_space(name)
+    if not isinstance(space, ShuffleNetSpace):
+        # a detector space's walk (backbone + FPN + head + post) is checked against the built
+        # detector in tests/test_detection_latency.py
+        pytest.skip(f"{name} builds a detector, not a stem/blocks/head candidate")
     shape = (1, 3, 64, 64)
     arch = space.sample(np.random.default_rng(1))
     keys = space.op_keys(arch, shape)
