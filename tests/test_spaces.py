@@ -177,7 +177,7 @@ def test_general_space_has_per_layer_choices_of_several_dimensions(tiny_mixed_ta
     pred = LutPredictor(t, space)
     archs = space.sample_distinct(20, np.random.default_rng(0))
     assert np.allclose(pred.predict_many(archs), [pred.predict(x) for x in archs])
-    assert pred.fastest_ms() <= min(pred.predict(x) for x in archs)
+    assert pred.fastest_ms() <= min(pred.predict(x) for x in archs) * (1 + 1e-12)
 
 
 def test_tokens_past_nine_are_letters():
