@@ -25,21 +25,25 @@ def tiny():
     return get_space("tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_tables(tmp_path_factory, device, tiny):
-    """A complete, calibrated tiny LUT (built once per session), as a tables folder."""
-    root = tmp_path_factory.mktemp("tables")
-    profile(device, tiny, tiny.default_input, root, FAST, calibration_n=8, progress=False)
+def profiled(tmp_path_factory, device, space_name: str, calibration_n: int):
+    """A tables folder holding a complete, calibrated LUT of `space_name` (FAST protocol)."""
+    root = tmp_path_factory.mktemp(f"tables-{space_name}")
+    space = get_space(space_name)
+    profile(device, space, space.default_input, root, FAST, calibration_n=calibration_n,
+            progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tables(tmp_path_factory, device):
+    """A complete, calibrated tiny LUT (built once per session), as a tables folder."""
+    return profiled(tmp_path_factory, device, "tiny", 8)
 
 
 @pytest.fixture(scope="session")
 def tiny_mixed_tables(tmp_path_factory, device):
     """A calibrated LUT of the per-layer-choice space `tiny-mixed`."""
-    root = tmp_path_factory.mktemp("mixed_tables")
-    space = get_space("tiny-mixed")
-    profile(device, space, space.default_input, root, FAST, calibration_n=7, progress=False)
-    return root
+    return profiled(tmp_path_factory, device, "tiny-mixed", 7)
 
 
 @pytest.fixture

@@ -5,19 +5,15 @@ deployable detectors measured with the protocol (numbers are not asserted, only 
 import numpy as np
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, profiled, run_cli
 from hwnas.latency import LatencyTable, LutPredictor, table_path
-from hwnas.latency.profile import profile
 from hwnas.latency.validate import validate
 from hwnas.spaces import get_space
 
 
 @pytest.fixture(scope="module")
 def det_tables(tmp_path_factory, device):
-    root = tmp_path_factory.mktemp("det_tables")
-    space = get_space("tiny-fcos")
-    profile(device, space, space.default_input, root, FAST, calibration_n=6, progress=False)
-    return root
+    return profiled(tmp_path_factory, device, "tiny-fcos", 6)
 
 
 def test_detector_ops_are_the_backbone_blocks_fpn_head_and_post():
