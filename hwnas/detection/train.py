@@ -16,9 +16,7 @@ are decoded once and kept in memory, batches are assembled in the main process (
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import tempfile
 import time
 import sys
 import zipfile
@@ -34,6 +32,7 @@ from hwnas.detection.data import CocoSplit, load_coco, resolve_data
 from hwnas.detection.model import (Detector, DetectorConfig, build_detector,
                                    candidate_state_from, init_backbone)
 from hwnas.errors import UserError
+from hwnas.fileio import atomic_path
 
 FORMAT = "hwnas-detector/1"
 
@@ -194,14 +193,7 @@ class DetectorTrainer:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    """The previous good checkpoint stays until the new one is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
+    """The previous good checkpoint stays until the new one is complete (`hwnas.fileio`: the
+    one atomic write, which also gives the file the umask's mode)."""
+    with atomic_path(Path(path)) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
