@@ -199,7 +199,7 @@ def _add_search_parsers(sub) -> None:
     _host(p)
     _canary(p, "off")
     p.add_argument("--budget-ms", type=positive_float, required=True)
-    p.add_argument("--method", choices=["evolution", "pcnas", "random"], default="evolution")
+    p.add_argument("--method", choices=["evolution", "pcnas", "random", "crnas"], default="evolution")
     p.add_argument("--supernet", type=Path, required=True, help="checkpoint from "
                    "`hwnas supernet train`")
     p.add_argument("--evaluations", type=positive_int, default=1000)

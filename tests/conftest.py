@@ -46,6 +46,12 @@ def tiny_mixed_tables(tmp_path_factory, device):
     return profiled(tmp_path_factory, device, "tiny-mixed", 7)
 
 
+@pytest.fixture(scope="session")
+def fcos_tables(tmp_path_factory, device):
+    """A calibrated LUT of the detector space `tiny-fcos` (backbone, FPN, head, NMS ops)."""
+    return profiled(tmp_path_factory, device, "tiny-fcos", 6)
+
+
 @pytest.fixture
 def tables_copy(tiny_tables, tmp_path):
     """A private copy of the tiny LUT that a test may damage."""

@@ -5,15 +5,15 @@ deployable detectors measured with the protocol (numbers are not asserted, only 
 import numpy as np
 import pytest
 
-from conftest import FAST, profiled, run_cli
+from conftest import FAST, run_cli
 from hwnas.latency import LatencyTable, LutPredictor, table_path
 from hwnas.latency.validate import validate
 from hwnas.spaces import get_space
 
 
 @pytest.fixture(scope="module")
-def det_tables(tmp_path_factory, device):
-    return profiled(tmp_path_factory, device, "tiny-fcos", 6)
+def det_tables(fcos_tables):
+    return fcos_tables
 
 
 def test_detector_ops_are_the_backbone_blocks_fpn_head_and_post():

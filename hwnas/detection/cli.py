@@ -1,4 +1,4 @@
-"""`hwnas detect {train,eval,export,data}`: parsing → one library call → a line or one JSON object.
+"""`hwnas detect {train,supernet,search,eval,export,data}`: parsing → one library call → a line or one JSON object.
 
 Wired into `hwnas.cli` by `add_parsers(sub)` and ``COMMANDS.update(detection.cli.COMMANDS)``.
 """
@@ -44,6 +44,55 @@ def add_parsers(sub) -> None:
     t.add_argument("--threads", type=int, default=d.threads)
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sn = dsub.add_parser("supernet", help="fine-tune a DetNAS detection supernet (shared FPN + "
+                         "head, one path per step), resumable")
+    sn.add_argument("--space", default="det20-w0.5", help="backbone space and width (default "
+                    "det20-w0.5; crnas20-w0.5 for CRNAS)")
+    sn.add_argument("--init", default=None, help="classification supernet of the same space "
+                    "(`hwnas supernet train`): DetNAS's ImageNet-pretraining step")
+    sn.add_argument("--data", default=d.data, help="shapes-det or a COCO-format folder")
+    sn.add_argument("--steps", type=int, default=3000)
+    sn.add_argument("--ref-steps", type=int, default=0, help="first steps on the reference "
+                    "path (all choice 0) before uniform sampling")
+    sn.add_argument("-o", "--output", required=True, type=Path, help="checkpoint (resumed if "
+                    "it exists with the same settings)")
+    for name, default, kind in (("--image-size", d.image_size, int),
+                                ("--batch-size", d.batch_size, int), ("--lr", d.lr, float),
+                                ("--warmup-steps", d.warmup_steps, int),
+                                ("--fpn-channels", d.fpn_channels, int),
+                                ("--head-convs", d.head_convs, int), ("--seed", d.seed, int),
+                                ("--ckpt-every", d.ckpt_every, int),
+                                ("--threads", d.threads, int)):
+        sn.add_argument(name, type=kind, default=default)
+    sn.add_argument("--json", action="store_true")
+    sn.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = dsub.add_parser("search", help="latency-budgeted detector search (DetNAS evolution, "
+                        "PC-NAS, random, CRNAS) priced by the whole detector's table")
+    s.add_argument("--device", required=True)
+    s.add_argument("--space", required=True, help="detector space: det20-fcos-w0.5, "
+                   "crnas20-fcos-w0.5, ...")
+    s.add_argument("--budget-ms", type=float, required=True)
+    s.add_argument("--method", choices=["evolution", "pcnas", "random", "crnas"],
+                   default="evolution")
+    s.add_argument("--supernet", type=Path, required=True,
+                   help="checkpoint from `hwnas detect supernet`")
+    s.add_argument("--evaluations", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-n", type=int, default=100, help="val images per score (default 100)")
+    s.add_argument("--tables", type=Path, default=None)
+    s.add_argument("--host", default=None, metavar="ID")
+    s.add_argument("--strict", action="store_true")
+    s.add_argument("--canary", choices=["off", "report", "correct"], default="off")
+    s.add_argument("-o", "--out", type=Path, default=None, help="prefix of the result files "
+                   "(default hwnas-search/<space>_<method>_<budget>ms_s<seed>); an unfinished "
+                   "search there is resumed")
+    s.add_argument("--verify", action="store_true", help="export the pick (NMS inside) and "
+                   "measure it on the device against the budget")
+    s.add_argument("--span-s", type=float, default=None, help="protocol span for --verify")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = dsub.add_parser("eval", help="COCO metrics of a checkpoint or an exported ONNX file; "
                         "with both, their detections compared image by image (parity)")
@@ -147,8 +196,55 @@ def _data(args) -> None:
     _emit(args, {"path": str(root)}, f"shapes-det in {root}")
 
 
+def _supernet(args) -> None:
+    from hwnas.detection.supernet import DetSupernetConfig, DetSupernetTrainer
+
+    if args.ref_steps < 0 or args.ref_steps >= args.steps:
+        raise UserError(f"--ref-steps must be in 0..{args.steps - 1}, got {args.ref_steps}")
+    cfg = DetSupernetConfig(space=args.space, data=args.data, image_size=args.image_size,
+                            steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=args.warmup_steps, fpn_channels=args.fpn_channels,
+                            head_convs=args.head_convs, seed=args.seed, init=args.init,
+                            ckpt_every=args.ckpt_every, threads=args.threads,
+                            ref_steps=args.ref_steps)
+    res = DetSupernetTrainer(cfg, args.output, progress=not args.quiet).run()
+    _emit(args, res, f"detection supernet {args.space} trained to step {res['step']} → "
+          f"{res['checkpoint']} (loss {res['loss_ema']:.3f})")
+
+
+def _search(args) -> None:
+    from hwnas.detection.search import DetSearchConfig, run_detect_search
+    from hwnas.measure import Protocol
+
+    for name, v, lo in (("--evaluations", args.evaluations, 1), ("--seed", args.seed, 0),
+                        ("--val-n", args.val_n, 1)):
+        if v < lo:
+            raise UserError(f"{name} must be ≥ {lo}, got {v}")
+    if not args.budget_ms > 0 or args.budget_ms == float("inf"):
+        raise UserError(f"--budget-ms must be a positive number, got {args.budget_ms}")
+    res = run_detect_search(DetSearchConfig(
+        device=args.device, space=args.space, budget_ms=args.budget_ms, method=args.method,
+        supernet=args.supernet, evaluations=args.evaluations, seed=args.seed,
+        tables=args.tables, out=args.out, verify=args.verify, strict=args.strict,
+        host=args.host, canary=args.canary, val_n=args.val_n, progress=not args.quiet,
+        protocol=Protocol() if args.span_s is None else Protocol(span_s=args.span_s)))
+    line = (f"{res.method} under {res.budget_ms:g} ms ({res.evaluations} evaluations, seed "
+            f"{res.seed}): {res.best_arch}\n  predicted {res.predicted_latency_ms:.3f} ms, "
+            f"supernet AP {100 * res.score:.1f}\n  saved {res.context['json']} and "
+            f"{res.context['plot']}")
+    if res.verify:
+        v = res.verify
+        line += (f"\n  verify: measured {v['measured_ms']:.3f} ms vs predicted "
+                 f"{v['predicted_ms']:.3f} ms ({v['error_pct']:+.2f}%) vs budget "
+                 f"{v['budget_ms']:g} ms: {'KEPT' if v['keeps_budget'] else 'MISSED'}")
+    out = res.to_dict()
+    out.pop("evaluated")
+    _emit(args, out, line)
+
+
 def cmd_detect(args) -> None:
-    {"train": _train, "eval": _eval, "export": _export, "data": _data}[args.detect_cmd](args)
+    {"train": _train, "eval": _eval, "export": _export, "data": _data,
+     "supernet": _supernet, "search": _search}[args.detect_cmd](args)
 
 
 COMMANDS = {"detect": cmd_detect}

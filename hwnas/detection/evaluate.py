@@ -25,7 +25,8 @@ Detections = dict[str, np.ndarray]
 
 
 def coco_metrics(split: CocoSplit, dets: list[Detections]) -> dict[str, float]:
-    """COCO AP figures of `dets` (one entry per image of `split`, in order)."""
+    """COCO AP figures of `dets` (one entry per image of `split`, in order; fewer entries
+    than images: the first ``len(dets)`` images alone are scored)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -42,7 +43,7 @@ def coco_metrics(split: CocoSplit, dets: list[Detections]) -> dict[str, float]:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
         gt = COCO(str(split.ann_file))
         ev = COCOeval(gt, gt.loadRes(results), "bbox")
-        ev.params.imgIds = list(split.image_ids)
+        ev.params.imgIds = list(split.image_ids[:len(dets)])  # the images detected
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -47,7 +47,10 @@ from hwnas.train.supernet import proxy_arch
 class LevelBackbone(nn.Module):
     """A candidate's `forward_features`, keeping the levels `levels` (indices into it).
 
-    [N, 3, S, S] → OrderedDict {"p<k>": [N, C_k, S/stride_k, S/stride_k]}, k = log2(stride).
+    [N, 3, S, S] → OrderedDict {"p<i>": [N, C_i, ⌈S/stride_i⌉, ⌈S/stride_i⌉]}, i the level's
+    index in the candidate's features (not log2(stride): at an image size that is not a multiple
+    of 64 the last stride is not a power of two, e.g. 48 at 96 px, and two levels would share
+    a name).
     """
 
     def __init__(self, candidate: nn.Module, info: list[FeatureInfo]):
@@ -58,7 +61,7 @@ class LevelBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.body.forward_features(x)
-        return OrderedDict((f"p{f.stride.bit_length() - 1}", feats[f.index]) for f in self.info)
+        return OrderedDict((f"p{f.index}", feats[f.index]) for f in self.info)
 
 
 @dataclass(frozen=True)

@@ -93,10 +93,9 @@ class DetectorTrainer:
                                       cfg.image_size, cfg.fpn_channels, cfg.head_convs)
         with torch.random.fork_rng():  # seeded initial weights, global RNG left alone
             torch.manual_seed(cfg.seed)
-            self.model = build_detector(self.det_cfg)
+            self.model = self.build_model()
         if cfg.init:
-            state = candidate_state_from(read_detector_checkpoint(cfg.init), self.det_cfg)
-            init_backbone(self.model, state, cfg.init)
+            self.init_from(cfg.init)
         if cfg.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -106,6 +105,18 @@ class DetectorTrainer:
         self.step, self.loss_ema, self.train_s = 0, None, 0.0
         if self.out.exists():
             self._resume()
+
+    format = FORMAT  # of the checkpoints this trainer writes
+
+    def build_model(self) -> Detector:
+        return build_detector(self.det_cfg)
+
+    def init_from(self, path: str) -> None:
+        state = candidate_state_from(read_detector_checkpoint(path), self.det_cfg)
+        init_backbone(self.model, state, path)
+
+    def before_step(self, rng: np.random.Generator) -> None:
+        """Called before every step with that step's generator (a supernet picks its path)."""
 
     def config(self) -> dict:
         c = {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
@@ -121,8 +132,8 @@ class DetectorTrainer:
 
     def _resume(self) -> None:
         ck = read_detector_checkpoint(self.out)
-        if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-            raise UserError(f"{str(self.out)!r} exists and is not a detector checkpoint; "
+        if not isinstance(ck, dict) or ck.get("format") != self.format:
+            raise UserError(f"{str(self.out)!r} exists and is not a {self.format} checkpoint; "
                             "choose another output file")
         meta, mine = ck["meta"], self.config()
         for k, v in mine.items():
@@ -137,7 +148,7 @@ class DetectorTrainer:
         torch.set_rng_state(meta["torch_rng"])
 
     def save(self) -> None:
-        _atomic_torch_save({"format": FORMAT, "meta": self.meta(),
+        _atomic_torch_save({"format": self.format, "meta": self.meta(),
                             "model": self.model.state_dict(),
                             "optimizer": self.opt.state_dict()}, self.out)
 
@@ -148,6 +159,7 @@ class DetectorTrainer:
         idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
         flips = rng.random((2, len(idx))) < 0.5  # horizontal, vertical: every class survives
         x, targets = self.train_split.batch(idx, flips[0], flips[1] if cfg.vflip else None)
+        self.before_step(np.random.default_rng([cfg.seed, self.step, 1]))
         self.model.train()
         losses = self.model.loss(self.model(x), targets)
         loss = sum(losses.values())

@@ -87,14 +87,22 @@ class Search:
             return float(self.latency.fastest_ms())
         return float(self.latency.predict_many(self.fastest_choices()[None])[0])
 
+    def one_layer_trials(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows that vary one layer at a time from all-zeros through each of its choices, and
+        each row's layer (layers may have different numbers of choices)."""
+        counts = self.space.num_choices
+        trial = np.zeros((sum(counts), self.space.num_layers), np.int64)
+        layer = np.repeat(np.arange(self.space.num_layers), counts)
+        trial[np.arange(len(layer)), layer] = np.concatenate([np.arange(c) for c in counts])
+        return trial, layer
+
     def fastest_choices(self) -> np.ndarray:
         """Each layer's fastest choice, found by varying one layer at a time from all-zeros
         (exact for an additive model such as the LUT)."""
-        n, c = self.space.num_layers, len(self.space.choice_names)
-        trial = np.zeros((n * c, n), np.int64)
-        for i in range(n):
-            trial[i * c:(i + 1) * c, i] = np.arange(c)
-        return self.latency.predict_many(trial).reshape(n, c).argmin(1)
+        trial, layer = self.one_layer_trials()
+        lat = self.latency.predict_many(trial)
+        return np.array([trial[layer == i][np.argmin(lat[layer == i]), i]
+                         for i in range(self.space.num_layers)], np.int64)
 
     def lat(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.latency.predict_many(np.asarray(rows, np.int64)), np.float64)
@@ -189,11 +197,7 @@ class Search:
         it has one (`SupernetScorer`: weights, data, val_n, ...), and the caller's `identity`
         (supernet and table file hashes, device, ...). A state saved under another identity is
         refused on resume: its scores would be another model's."""
-        n, c = self.space.num_layers, len(self.space.choice_names)
-        trial = np.zeros((n * c, n), np.int64)
-        for i in range(n):
-            trial[i * c:(i + 1) * c, i] = np.arange(c)
-        prices = np.ascontiguousarray(self.lat(trial), dtype="<f8")
+        prices = np.ascontiguousarray(self.lat(self.one_layer_trials()[0]), dtype="<f8")
         ident = {"latency_prices_sha256": hashlib.sha256(prices.tobytes()).hexdigest()}
         acc = getattr(self.accuracy, "identity", None)
         if callable(acc):

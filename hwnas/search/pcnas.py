@@ -22,6 +22,7 @@ the PC-NAS supernet.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 from dataclasses import asdict, is_dataclass
 from typing import Protocol
@@ -64,15 +65,15 @@ class PCNASSearch(Search):
         """Completions per extension: given, or the most that fit the evaluation budget."""
         if self._samples is not None:
             return self._samples
-        c = len(self.space.choice_names)
+        c = self.space.num_choices
         ends, starts = self.stage_ends, [0] + self.stage_ends[:-1]
         pool = 1
         per_sample = 0
         for s, e in zip(starts, ends):
-            ext = pool * c ** (e - s)
+            ext = pool * math.prod(c[s:e])
             per_sample += ext if e < self.space.num_layers else 0
             pool = min(self.pool_size, ext)
-        last = min(self.pool_size, pool) * c ** (ends[-1] - starts[-1])
+        last = min(self.pool_size, pool) * math.prod(c[starts[-1]:ends[-1]])
         return max(1, (self.evaluations - last) // max(per_sample, 1))
 
     def params(self) -> dict:
@@ -124,13 +125,13 @@ class PCNASSearch(Search):
         return sample
 
     def _search(self) -> None:
-        c = len(self.space.choice_names)
+        c = self.space.num_choices
         starts = [0] + self.stage_ends[:-1]
         fresh = self.trainer is not None  # after training, old scores are stale
         while self.stage < len(self.stage_ends):
             s, e = starts[self.stage], self.stage_ends[self.stage]
             ext = [p + tail for p in self.pool
-                   for tail in itertools.product(range(c), repeat=e - s)]
+                   for tail in itertools.product(*(range(n) for n in c[s:e]))]
             potentials, counts = [], []
             for prefix in ext:
                 rows = self.completions(prefix, self.samples, self.rng)

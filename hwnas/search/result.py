@@ -77,7 +77,7 @@ class SearchResult:
         ax.scatter([self.predicted_latency_ms], [100 * self.score], marker="*", s=160, c="r",
                    label="pick", zorder=5)
         ax.set_xlabel("predicted latency (ms, LUT)")
-        ax.set_ylabel("supernet score (held-out accuracy, %)")
+        ax.set_ylabel(self.context.get("score_label", "supernet score (held-out accuracy, %)"))
         ax.set_title(f"{self.method} on {self.space}, seed {self.seed}: {len(ev)} evaluated")
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()

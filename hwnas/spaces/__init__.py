@@ -59,6 +59,22 @@ def tiny_mixed(width: float = 1.0) -> SearchSpace:
         layer_choices=(GENES, tuple(d), (GENES[0],), tuple(d[:2]) + (d[4],))))
 
 
+@register_space("crnas20")
+def _crnas20(width: float = 1.0) -> SearchSpace:
+    """CRNAS reallocation of det20's 20 blocks: depth per stage and dilation per block."""
+    from hwnas.spaces.crnas import crnas20
+
+    return crnas20(width)
+
+
+@register_space("tiny-crnas")
+def _tiny_crnas(width: float = 1.0) -> SearchSpace:
+    """A CRNAS space at toy sizes (tests): stages of up to 3 layers, 4 active blocks."""
+    from hwnas.spaces.crnas import tiny_crnas
+
+    return tiny_crnas(width)
+
+
 def _detector_space(backbone: str, image_size: int):
     def factory(width: float = 1.0) -> SearchSpace:
         from hwnas.detection.space import DetectorSpace  # torchvision: only when asked for
@@ -71,6 +87,8 @@ def _detector_space(backbone: str, image_size: int):
 
 register_space("det20-fcos")(_detector_space("det20", 128))
 register_space("tiny-fcos")(_detector_space("tiny", 64))
+register_space("crnas20-fcos")(_detector_space("crnas20", 128))
+register_space("tiny-crnas-fcos")(_detector_space("tiny-crnas", 64))
 
 
 def get_space(name: str) -> SearchSpace:

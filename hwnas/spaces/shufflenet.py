@@ -84,6 +84,9 @@ class ShuffleNetSpace(SearchSpace):
         self.stage_channels = tuple(_round_channels(c * w) for c in cfg.stage_channels)
         self.stage_ends = tuple(sum(cfg.stage_repeats[:i + 1])
                                 for i in range(len(cfg.stage_repeats)))
+        first = [sum(cfg.stage_repeats[:i]) for i in range(len(cfg.stage_repeats))]
+        if any(g.skip for i in first for g in self.layer_choices[i]):
+            raise ValueError(f"{cfg.base_name}: a stage's first (stride-2) layer cannot be skipped")
         prev = self.stem_channels
         for c in self.stage_channels:  # a stage's first block concatenates its input with
             if c <= prev:  # (c - input) new channels: a width so small that c ≤ input has none
@@ -106,6 +109,11 @@ class ShuffleNetSpace(SearchSpace):
             for r in range(repeats):
                 g = genes[layer]
                 stride = 2 if r == 0 else 1
+                if g.skip:  # an identity layer (a depth choice): priced as the op "skip"
+                    keys.append(OpKey("skip", (n, c, h, w), out, 1, 1, 1,
+                                      g.precision or precision))
+                    c, layer = out, layer + 1
+                    continue
                 keys.append(OpKey(g.kind, (n, c, h, w), out, g.kernel, stride, g.dilation,
                                   g.precision or precision))
                 if stride == 2:
@@ -126,6 +134,8 @@ class ShuffleNetSpace(SearchSpace):
         in_channels = key.in_shape[1]
         if key.kind == "stem":
             module: nn.Module = Stem(in_channels, key.out_channels, affine)
+        elif key.kind == "skip":
+            module = nn.Identity()
         elif key.kind == "head":
             module = Head(in_channels, key.out_channels)
         else:

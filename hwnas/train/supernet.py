@@ -46,17 +46,29 @@ def proxy_arch(arch: Arch, proxy: SearchSpace) -> Arch:
     return Arch(proxy.name, arch.choices)
 
 
+def choice_modules(space: SearchSpace, image_size: int) -> tuple[nn.Module, nn.ModuleList]:
+    """The stem and, per layer, one non-affine module per choice (`layers[i][c]`), built by
+    `space.build_op` from the same `key_grid` walk the LUT prices. A layer with one choice
+    (whose op `key_grid` counts among the fixed ones) gets that op as its only module."""
+    shape = (1, 3, image_size, image_size)
+    fixed, grid = space.key_grid(shape)
+    canary = space.op_keys(space.canary(), shape)
+    layers = nn.ModuleList(
+        nn.ModuleList(space.build_op(k, affine=False) for k in row[:n]) if n > 1
+        else nn.ModuleList([space.build_op(canary[i + 1], affine=False)])
+        for i, (row, n) in enumerate(zip(grid, space.num_choices)))
+    return space.build_op(fixed[0], affine=False), layers
+
+
 class Supernet(nn.Module):
     """Stem → `num_layers` × {one `ChoiceBlock` per choice} → head; input [N, 3, S, S]."""
 
     def __init__(self, space: SearchSpace, image_size: int, num_classes: int):
         super().__init__()
         self.space, self.image_size, self.num_classes = space, image_size, num_classes
-        fixed, grid = space.key_grid((1, 3, image_size, image_size))
-        self.stem = space.build_op(fixed[0], affine=False)
-        self.layers = nn.ModuleList(nn.ModuleList(space.build_op(k, affine=False) for k in row)
-                                    for row in grid)
-        self.head = Head(grid[-1][0].out_channels, num_classes)
+        self.stem, self.layers = choice_modules(space, image_size)
+        self.head = Head(space.op_keys(space.canary(), (1, 3, image_size, image_size))[-1]
+                         .in_shape[1], num_classes)
         self.train()
 
     def forward(self, x: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
