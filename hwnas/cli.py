@@ -143,9 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="the main job end to end on the embedded defaults")
+    p.add_argument("--job", choices=["detect", "classify"], default="detect",
+                   help="detect (default): search a detector with the committed detection "
+                   "supernet, export it deployable, verify it on the device; classify: the "
+                   "LUT-only job on a classification space (--space, --input)")
     p.add_argument("--device", default="cpu-ort-fp32")
-    p.add_argument("--space", default="det20")
-    p.add_argument("--input", default="1x3x320x320")
+    p.add_argument("--space", default=None, help="default det20-fcos-w0.5 (detect), det20 "
+                   "(classify)")
+    p.add_argument("--input", default="1x3x320x320", help="classify only")
+    p.add_argument("--evaluations", type=positive_int, default=120, help="detect: search "
+                   "evaluations (default 120)")
+    p.add_argument("--supernet", type=Path, default=None, help="detect: a detection supernet "
+                   "(default: the committed one)")
     p.add_argument("--budget-ms", type=positive_float, default=None)
     p.add_argument("--out", type=Path, default=None, help="default: a new run folder")
     p.add_argument("--tables", type=Path, default=None)
@@ -463,6 +472,9 @@ def cmd_demo(args) -> None:
     from hwnas.demo import DemoConfig, run_demo
     from hwnas.spaces import get_space, parse_shape
 
+    if args.job == "detect":
+        return cmd_detect_demo(args)
+    args.space = args.space or "det20"
     get_space(args.space)
     res = run_demo(DemoConfig(device=args.device, space=args.space,
                               input_shape=parse_shape(args.input), tables=args.tables,
@@ -488,6 +500,34 @@ def cmd_demo(args) -> None:
              f"(tolerance: noise floor {p['tolerance_pct']:.2f}%; the host ran "
              f"{p['host_shift_pct']:+.1f}% vs when priced, by the canary timed with the pick; "
              f"without that allowance: {'kept' if p['keeps_budget_raw'] else 'missed'})",
+             f"   results in {res['out']}"]
+    _emit(args, res, lines)
+
+
+def cmd_detect_demo(args) -> None:
+    from hwnas.detection.demo import SUPERNET, DetDemoConfig, run_detect_demo
+
+    res = run_detect_demo(DetDemoConfig(
+        device=args.device, space=args.space or "det20-fcos-w0.5",
+        supernet=args.supernet or SUPERNET, tables=args.tables, out=args.out,
+        budget_ms=args.budget_ms, evaluations=args.evaluations, seed=args.seed,
+        canary=args.canary, protocol=_protocol(args), progress=not args.quiet))
+    p, s, drift = res["pick"], res["search"], res["drift"]
+    par = p["parity"]
+    lines = [f"1. table: {res['profile']['table']} ({res['profile']['rows']} ops, "
+             f"{res['profile']['measured_ops']} measured now; host {res['host']})",
+             "   canary: " + (f"host drift {drift['drift_pct']:+.1f}% since the table; prices "
+                              "corrected by it" if drift else "not timed (--canary off)"),
+             f"2. search: {s['method']}, {s['evaluations']} evaluations under "
+             f"{p['budget_ms']} ms → {p['arch']} (predicted {p['predicted_ms']:.3f} ms, "
+             f"supernet AP {100 * s['supernet_ap']:.1f}); {s['plot']}",
+             f"3. export: {p['onnx']} ({p['nms_nodes']} NMS node(s) inside); detections match "
+             f"torch on {par['images_ok']}/{par['images']} val images ({par['matched']}/"
+             f"{par['detections_torch']} matched, max box rel err {par['max_box_rel_err']:.1e})",
+             f"4. measured {p['measured_ms']:.3f} ms (prediction error {p['error_pct']:+.2f}%) vs "
+             f"budget {p['budget_ms']} ms: {'KEPT' if p['keeps_budget'] else 'MISSED'} "
+             f"(tolerance {p['tolerance_pct']:.2f}%; host {p['host_shift_pct']:+.1f}% vs when "
+             f"priced; without that allowance: {'kept' if p['keeps_budget_raw'] else 'missed'})",
              f"   results in {res['out']}"]
     _emit(args, res, lines)
 

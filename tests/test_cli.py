@@ -151,7 +151,7 @@ def test_bad_numbers():
 
 
 def test_demo_end_to_end_on_tiny(tables_copy, tmp_path):
-    d = json.loads(run_cli("demo", "--space", "tiny", "--input", "1x3x32x32", "--tables",
+    d = json.loads(run_cli("demo", "--job", "classify", "--space", "tiny", "--input", "1x3x32x32", "--tables",
                            tables_copy, "--out", tmp_path / "demo", "--span-s", "0", "--json",
                            "--quiet", check_rc=0).stdout)
     pick = d["pick"]
@@ -161,7 +161,7 @@ def test_demo_end_to_end_on_tiny(tables_copy, tmp_path):
 
 
 def test_infeasible_budget(tables_copy, tmp_path):
-    assert_user_error(run_cli("demo", "--space", "tiny", "--input", "1x3x32x32", "--tables",
+    assert_user_error(run_cli("demo", "--job", "classify", "--space", "tiny", "--input", "1x3x32x32", "--tables",
                               tables_copy, "--out", tmp_path / "d", "--span-s", "0", "--quiet",
                               "--budget-ms", "0.0001"), "infeasible", "fastest")
 

@@ -3,6 +3,7 @@ shapes-det), its AP scorer (real pycocotools), searches priced by a real detecto
 onnxruntime timing, FAST protocol), CRNAS on a toy CRNAS space, resume and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,18 @@ def test_crnas_search_keeps_the_block_count(crnas_tables, crnas_supernet, tmp_pa
     steps = [h["step"] for h in r["history"]]
     assert steps[0] == "stages" and "dilations" in steps
     assert r["history"][0]["allocations_scored"] == len(cr.allocations())
+
+
+def test_detect_demo_end_to_end(fcos_tables, supernet, tmp_path, capsys):
+    """`hwnas demo`'s detection job on tiny-fcos: search, stand-alone export with NMS, parity
+    with torch on val images, measured against the budget (its verdict not asserted)."""
+    rc, out, err = cli("demo", "--space", "tiny-fcos", "--supernet", supernet, "--tables",
+                       fcos_tables, "--evaluations", "6", "--out", tmp_path / "demo",
+                       "--span-s", "0", "--json", "--quiet", capsys=capsys)
+    assert rc == 0, err
+    d = json.loads(out)
+    p = d["pick"]
+    assert p["nms_nodes"] >= 1 and Path(p["onnx"]).is_file()
+    assert p["parity"]["images_ok"] == p["parity"]["images"] == 20
+    assert d["search"]["evaluations"] == 6 and isinstance(p["keeps_budget"], bool)
+    assert d["profile"]["measured_ops"] == 0  # the table was there: nothing re-profiled

@@ -43,6 +43,8 @@ class DetSearchConfig:
     options: dict | None = None
     protocol: Protocol | None = None
     executor: object = None  # an hwnas.distributed.Executor (default in-process)
+    latency: object = None  # a ready predictor (e.g. canary-corrected) instead of the table's
+    scorer: object = None  # a ready DetSupernetScorer of `supernet` (the demo reuses it)
 
 
 def default_out(cfg: DetSearchConfig) -> Path:
@@ -89,13 +91,16 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
     device, space = load_device(cfg.device), get_space(cfg.space)
     shape = space.default_input
     protocol = cfg.protocol or Protocol()
-    lut, drift = open_predictor(device, space, shape, cfg.tables, cfg.host, cfg.strict,
-                                cfg.canary, protocol)
+    if cfg.latency is not None:
+        lut, drift = cfg.latency, None
+    else:
+        lut, drift = open_predictor(device, space, shape, cfg.tables, cfg.host, cfg.strict,
+                                    cfg.canary, protocol)
     lut.require_feasible(cfg.budget_ms)  # before loading anything heavy
     if cfg.method == "crnas":
         from hwnas.search.crnas import crnas_backbone
         crnas_backbone(space)
-    scorer, meta = open_scorer(cfg.supernet, space, cfg)
+    scorer, meta = cfg.scorer or open_scorer(cfg.supernet, space, cfg)
     out = cfg.out or default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):

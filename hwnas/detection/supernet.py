@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -136,6 +136,31 @@ class DetSupernetTrainer(DetectorTrainer):
             self.model.backbone.choices = self.space.canary().choices
         else:
             self.model.backbone.choices = self.space.sample(rng).choices
+
+
+def standalone_detector(supernet: Detector, arch: Arch) -> Detector:
+    """Path `arch` of `supernet` as a stand-alone eval-mode `Detector` (what `hwnas detect
+    export` ships): the path's stem and blocks become the candidate's (``layers.<i>.<c_i>`` →
+    ``blocks.<i>``, with the BatchNorm statistics the supernet holds for that path now: score
+    the path first to recalibrate them), FPN and head as they are. Supernet BatchNorm is
+    non-affine: the stand-alone's affine weight and bias stay 1 and 0."""
+    from hwnas.detection.model import build_detector, init_backbone
+
+    bb = supernet.backbone
+    choices = bb.space.parse(f"{bb.space.name}:{str(arch).rpartition(':')[2]}").choices
+    det = build_detector(replace(supernet.cfg, arch=str(Arch(bb.space.name, choices))))
+    state = {}
+    for k, v in bb.state_dict().items():
+        if k.startswith("stem."):
+            state[k] = v
+        elif k.startswith("layers."):
+            _, layer, choice, rest = k.split(".", 3)
+            if int(choice) == (choices[int(layer)] if len(bb.layers[int(layer)]) > 1 else 0):
+                state[f"blocks.{layer}.{rest}"] = v
+    init_backbone(det, state, "the detection supernet")
+    det.neck.load_state_dict(supernet.neck.state_dict())
+    det.head.load_state_dict(supernet.head.state_dict())
+    return det.eval()
 
 
 def load_det_supernet(path: str | Path) -> tuple[Detector, dict]:
