@@ -112,7 +112,7 @@ def test_profile_survives_a_worker_killed_mid_shard(cluster, tmp_path, device, t
     here = host_id(device.fingerprint())
     slots = device_slots("cpu-ort-fp32")
     assert slots == {here: 2}
-    protocol = dataclasses.replace(FAST, rounds=150)  # long enough to be killed mid-shard
+    protocol = dataclasses.replace(FAST, rounds=80)  # long enough to be killed mid-shard
     box = {}
 
     def drive():
@@ -134,7 +134,7 @@ def test_profile_survives_a_worker_killed_mid_shard(cluster, tmp_path, device, t
                           .read_text())
             except (OSError, ValueError, KeyError, IndexError):
                 continue
-            if rounds >= 20:
+            if rounds >= 10:
                 os.kill(pid, signal.SIGKILL)
                 killed = (pid, rounds)
                 break
@@ -153,30 +153,50 @@ def test_profile_survives_a_worker_killed_mid_shard(cluster, tmp_path, device, t
         ".shards.partial.json").exists()
 
 
+DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import FAST
+from hwnas import fleet
+from hwnas.devices import load_device
+from hwnas.latency.shards import profile_hosts
+from hwnas.spaces import get_space
+fleet.connect({address!r})
+tiny = get_space("tiny")
+profile_hosts(fleet.RayExecutor(), load_device("cpu-ort-fp32"), tiny, tiny.default_input,
+              Path({root!r}), fleet.device_slots("cpu-ort-fp32"), {protocol}, calibration_n=0,
+              shard_size=5, progress=False)
+"""
+
+
 @needs_ray
-def test_killed_driver_rerun_resumes(cluster, tmp_path, tiny):
-    args = ["profile", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables", tmp_path,
-            "--cluster", cluster["address"], "--span-s", 0, "--calibration-n", 0,
-            "--shard-size", 5, "--quiet", "--json"]
+def test_killed_driver_rerun_resumes(cluster, tmp_path, device, tiny):
+    from hwnas.fleet import RayExecutor, device_slots
+
+    protocol = "dataclasses.replace(FAST, rounds=40)"
+    code = "import dataclasses" + DRIVER.format(
+        tests=os.path.dirname(__file__), address=cluster["address"], root=str(tmp_path),
+        protocol=protocol)
     journal = table_path(tmp_path, "cpu-ort-fp32", "tiny", tiny.default_input,
-                         host_id(load_device("cpu-ort-fp32").fingerprint())
-                         ).with_suffix(".shards.partial.json")
-    proc = subprocess.Popen([sys.executable, "-m", "hwnas", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         host_id(device.fingerprint())).with_suffix(".shards.partial.json")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline, kept = time.time() + 120, {}
     while time.time() < deadline and proc.poll() is None and not kept:
         if journal.exists():
             kept = json.loads(journal.read_text())["results"]
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, f"the driver ended before it could be killed: {proc.stderr.read()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = json.loads(journal.read_text())["results"]
     assert 1 <= len(kept) < 4  # 19 labels in shards of 5: some done, some not
-    out = run_cli(*args, check_rc=0)
-    rep = json.loads(out.stdout)["tables"][0]
+    (rep,) = profile_hosts(RayExecutor(), device, tiny, tiny.default_input, tmp_path,
+                           device_slots("cpu-ort-fp32"), dataclasses.replace(FAST, rounds=40),
+                           calibration_n=0, shard_size=5, progress=False)
     t, keys = _rows(tmp_path, tiny)
-    assert rep["measured_ops"] == len(keys) == len(tiny.unique_op_keys())
+    assert rep.measured_ops == len(keys) == len(tiny.unique_op_keys())
     for res in kept.values():  # the finished shards were taken over, not measured again
         for label, stats in res["stats"].items():
             if label in t.rows:
@@ -196,7 +216,9 @@ def tiny_supernet(tmp_path_factory):
 
 
 @needs_ray
-def test_search_on_actors_equals_in_process(cluster, tmp_path, tiny_tables, tiny_supernet):
+def test_search_on_actors_equals_in_process(cluster, tmp_path, tiny_tables, tiny_supernet,
+                                            capsys):
+    from hwnas.cli import main
     from hwnas.latency import LutPredictor
 
     lut = LutPredictor(LatencyTable.load(table_path(tiny_tables, "cpu-ort-fp32", "tiny",
@@ -207,7 +229,8 @@ def test_search_on_actors_equals_in_process(cluster, tmp_path, tiny_tables, tiny
     runs = {}
     for name, extra in (("local", []), ("ray", ["--cluster", cluster["address"],
                                                  "--actors", 2])):
-        out = json.loads(run_cli(*common, "-o", tmp_path / name, *extra, check_rc=0).stdout)
+        assert main([str(a) for a in common + ["-o", tmp_path / name] + extra]) == 0
+        out = json.loads(capsys.readouterr().out)
         runs[name] = (out, json.loads((tmp_path / f"{name}.json").read_text()))
     (a, fa), (b, fb) = runs["local"], runs["ray"]
     assert b["context"]["evaluated_on"]["actors"] == 2
@@ -235,21 +258,29 @@ def test_actor_scores_do_not_depend_on_the_split_and_survive_a_kill(cluster, tin
 
 
 @needs_ray
-def test_validate_and_status_on_the_cluster(cluster, tmp_path, tiny_tables):
-    p = run_cli("validate", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables",
-                tiny_tables, "--n", 4, "--span-s", 0, "--out", tmp_path / "v", "--quiet",
-                "--json", "--cluster", cluster["address"], check_rc=0)
-    rep = json.loads(p.stdout)
+def test_validate_and_status_on_the_cluster(cluster, tmp_path, tiny_tables, capsys):
+    from hwnas.cli import main
+
+    assert main(["validate", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables",
+                 str(tiny_tables), "--n", "4", "--span-s", "0", "--out", str(tmp_path / "v"),
+                 "--quiet", "--json", "--cluster", cluster["address"]]) == 0
+    rep = json.loads(capsys.readouterr().out)
     assert rep["n"] == 4 and rep["drift"] is not None
     assert len((tmp_path / "v.validation.csv").read_text().splitlines()) == 5
-    p = run_cli("fleet", "status", "--cluster", cluster["address"], "--json", check_rc=0)
-    (node,) = json.loads(p.stdout)["nodes"]
+    assert main(["fleet", "status", "--cluster", cluster["address"], "--json"]) == 0
+    (node,) = json.loads(capsys.readouterr().out)["nodes"]
     here = host_id(load_device("cpu-ort-fp32").fingerprint())
     assert node["address"] == "127.0.0.1" and node["slots"] == {
         f"device:cpu-ort-fp32@{here}": 2}
-    p = run_cli("profile", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables", tmp_path,
-                "--cluster", cluster["address"], "--hosts", "other-host-1234", check_rc=2)
-    assert "no node of the cluster advertises cpu-ort-fp32 on host other-host-1234" in p.stderr
+    assert main(["profile", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables",
+                 str(tiny_tables), "--cluster", cluster["address"], "--json"]) == 0
+    (table,) = json.loads(capsys.readouterr().out)["tables"]  # complete: nothing to measure
+    assert table["host"] == here and table["measured_ops"] == 0
+    assert main(["profile", "--device", "cpu-ort-fp32", "--space", "tiny", "--tables",
+                 str(tmp_path), "--cluster", cluster["address"], "--hosts",
+                 "other-host-1234"]) == 2
+    assert "no node of the cluster advertises cpu-ort-fp32 on host other-host-1234" in \
+        capsys.readouterr().err
 
 
 def test_fleet_start_dry_run():
