@@ -190,6 +190,7 @@ def _has_torch() -> bool:
 @dataclass
 class _Actors:
     model: object  # held so that its id stays this model's
+    ref: object  # the model in the object store, for actors started again
     handles: list
 
 
@@ -197,11 +198,12 @@ class RayExecutor:
     """Runs work on the Ray cluster this process is connected to (`connect`, `start_local`).
 
     `evaluate` splits the archs into one contiguous part per actor; each actor holds one copy of
-    the model (shipped once through the object store) and is restarted, model and all, if its
-    process dies (`max_restarts`), its calls retried. `map` submits one task per item with
-    `placement(item)`'s Ray options (resources, num_cpus) and retries a task whose worker died
-    up to `max_retries` times, on any node that has the resources; an exception raised by the
-    work itself is not retried."""
+    the model (put in the object store once, loaded once per actor). If an actor's process dies,
+    the actors are started again from the stored model and the call is repeated (scores are a
+    pure function of the model and the arch), up to `max_retries` times. `map` submits one task
+    per item with `placement(item)`'s Ray options (resources, num_cpus) and retries a task whose
+    worker died up to `max_retries` times, on any node that has the resources; an exception
+    raised by the work itself is not retried."""
 
     def __init__(self, actors: int | None = None, max_retries: int = 3, threads: int = 1):
         self.ray = import_ray()
@@ -221,22 +223,31 @@ class RayExecutor:
     def _holders(self, model) -> list:
         if self._actors is None or self._actors.model is not model:
             self.reload(model)
-            holder = self.ray.remote(ModelHolder).options(
-                num_cpus=self.threads, max_restarts=self.max_retries,
-                max_task_retries=self.max_retries)
-            ref = self.ray.put(model)
-            self._actors = _Actors(model, [holder.remote(ref, self.threads)
-                                           for _ in range(self.n_actors)])
+            self._actors = _Actors(model, self.ray.put(model), [])
+        if not self._actors.handles:
+            holder = self.ray.remote(ModelHolder).options(num_cpus=self.threads)
+            self._actors.handles = [holder.remote(self._actors.ref, self.threads)
+                                    for _ in range(self.n_actors)]
         return self._actors.handles
 
     def evaluate(self, model, archs) -> np.ndarray:
         if not archs:
             return np.zeros(0)
         archs = list(archs)
-        holders = self._holders(model)
-        parts = [p for p in np.array_split(np.arange(len(archs)), len(holders)) if len(p)]
-        refs = [h.predict.remote([archs[i] for i in p]) for h, p in zip(holders, parts)]
-        return np.concatenate([self._get(r) for r in refs])
+        for attempt in range(self.max_retries + 1):
+            holders = self._holders(model)
+            parts = [p for p in np.array_split(np.arange(len(archs)), len(holders)) if len(p)]
+            refs = [h.predict.remote([archs[i] for i in p]) for h, p in zip(holders, parts)]
+            try:
+                return np.concatenate([self._get(r) for r in refs])
+            except self.ray.exceptions.RayActorError as e:
+                for h in self._actors.handles:  # start every actor again from the stored model
+                    self.ray.kill(h)
+                self._actors.handles = []
+                if attempt == self.max_retries:
+                    raise UserError(f"an evaluation actor died {attempt + 1} times "
+                                    f"({first_line(e)[:120]}); the search saved its progress: "
+                                    "rerun the same command to resume") from None
 
     def reload(self, model) -> None:
         """Drop the actors (the model changed, or another one is evaluated next)."""
@@ -288,8 +299,7 @@ class RayExecutor:
             if isinstance(e.cause, UserError):
                 raise e.cause from None
             raise
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError,
-                ray.exceptions.NodeDiedError) as e:
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
             raise UserError(f"a Ray worker died {self.max_retries + 1} times running hwnas work "
                             f"({first_line(e)[:120]}); what finished is saved: rerun the same "
                             "command to resume") from None
