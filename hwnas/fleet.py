@@ -34,7 +34,6 @@ PREFIX = "device:"
 # Ray's switch for "this machine only": nodes then bind to the loopback address (on Linux Ray
 # otherwise resolves 127.0.0.1 to the machine's routable address and listens there)
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-DASHBOARD_ENV = "HWNAS_RAY_DASHBOARD"
 
 
 def import_ray():
@@ -168,10 +167,8 @@ class ModelHolder:
     when the actor starts, scoring whatever archs it is sent."""
 
     def __init__(self, model, threads: int = 1):
-        if "torch" in sys.modules or _has_torch():
-            import torch
-
-            torch.set_num_threads(threads)  # one actor per CPU: no oversubscription
+        if "torch" in sys.modules:  # the model brought it in (a supernet)
+            sys.modules["torch"].set_num_threads(threads)  # one actor per CPU: no oversubscription
         self.model = model
 
     def predict(self, archs) -> np.ndarray:
@@ -179,12 +176,6 @@ class ModelHolder:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def _has_torch() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 @dataclass
