@@ -292,3 +292,18 @@ def test_fleet_start_dry_run():
     assert out["command"][:3] == ["ray", "start", "--head"]
     assert "--include-dashboard=false" in out["command"]
     assert "--node-ip-address=127.0.0.1" in out["command"]
+
+
+def test_slot_resources_and_shards():
+    from hwnas.fleet import device_slots, parse_slot_resource, slot_resource
+    from hwnas.latency.shards import split
+
+    name = slot_resource("cpu-ort-fp32", "amd-epyc-avx512-2c-1a2b3c4d")
+    assert parse_slot_resource(name) == ("cpu-ort-fp32", "amd-epyc-avx512-2c-1a2b3c4d")
+    assert parse_slot_resource("CPU") is None and parse_slot_resource("node:127.0.0.1") is None
+    assert device_slots("cpu-ort-fp32", {name: 2.0, "CPU": 2.0, slot_resource(
+        "cpu-ort-int8", "x-host-1"): 1.0}) == {"amd-epyc-avx512-2c-1a2b3c4d": 2}
+    labels = [f"l{i}" for i in range(7)]
+    parts = split(labels, 3)
+    assert parts == [("l0", "l3", "l6"), ("l1", "l4"), ("l2", "l5")]
+    assert sorted(sum(parts, ())) == sorted(labels) and split(labels[:1], 4) == [("l0",)]
