@@ -59,6 +59,13 @@ def _quiet_flag(p: argparse.ArgumentParser) -> None:
                    "busy in most rounds, instead of warning")
 
 
+def _cluster(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--cluster", default=None, metavar="ADDR",
+                   help=f"where {what} runs: local (default: in this process, no Ray), auto (the "
+                   "Ray cluster this machine joined with `hwnas fleet start`), HOST:PORT or "
+                   "ray://HOST:PORT; default $HWNAS_CLUSTER, else local")
+
+
 def _protocol(args) -> Protocol:
     span = getattr(args, "span_s", None)
     return Protocol() if span is None else Protocol(span_s=span)
@@ -78,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-n", type=nonneg_int, default=20,
                    help="whole candidates measured to calibrate the sum (default 20; 0: none)")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    _cluster(p, "the timing")
+    p.add_argument("--hosts", default=None, metavar="ID,ID",
+                   help="with --cluster: the hosts whose tables to build (default: every host "
+                   "whose nodes advertise the device; `hwnas fleet status` lists them)")
+    p.add_argument("--shard-size", type=positive_int, default=None,
+                   help="with --cluster: labels per timing task (default: one task per timing "
+                   "slot of the host, so one slot measures everything interleaved)")
 
     p = sub.add_parser("predict", help="latency of a candidate from the LUT")
     _common(p)
@@ -122,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their error (LUT price vs time inside the model)")
     p.add_argument("--explain-top", type=positive_int, default=3,
                    help="how many of the worst candidates --explain profiles (default 3)")
+    _cluster(p, "the timing (on the nodes of the table's host)")
 
     p = sub.add_parser("compare", help="one model on several devices: output difference vs "
                        "onnxruntime fp32, and latency")
@@ -169,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     _add_search_parsers(sub)
+    _add_fleet_parsers(sub)
     from hwnas.detection import cli as detect_cli  # torchvision: imported when building the CLI
 
     detect_cli.add_parsers(sub)
@@ -220,6 +236,78 @@ def _add_search_parsers(sub) -> None:
                    "<budget>ms_s<seed>); an unfinished search there is resumed")
     p.add_argument("--verify", action="store_true",
                    help="export the pick and measure it on the device against the budget")
+    _cluster(p, "candidate evaluation")
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="with --cluster: evaluation actors, each holding the supernet (default: "
+                   "one per CPU of the cluster)")
+
+
+def _add_fleet_parsers(sub) -> None:
+    """`hwnas fleet start|status` (issue 12): a machine joins a Ray cluster with its devices."""
+    p = sub.add_parser("fleet", help="a device fleet on Ray: start a head or a worker with this "
+                       "machine's devices, list the nodes and their timing slots")
+    fsub = p.add_subparsers(dest="fleet_cmd", required=True)
+    s = fsub.add_parser("start", help="`ray start` with this machine's devices as resources "
+                        "(one unit of device:<name>@<host id> per timing slot)")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--head", action="store_true", help="start the head of a new cluster")
+    where.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="join the cluster whose head is there")
+    s.add_argument("--devices", default="cpu-ort-fp32",
+                   help="comma-separated devices this machine times (default cpu-ort-fp32)")
+    s.add_argument("--slots", type=positive_int, default=1,
+                   help="timing slots per device (default 1: one measurement at a time)")
+    s.add_argument("--num-cpus", type=positive_int, default=None,
+                   help="CPUs Ray may use here (default: all)")
+    s.add_argument("--port", type=int_range(1024, 65535), default=6379, help="head's port")
+    s.add_argument("--node-ip-address", default=None, help="this node's address on the network "
+                   "the cluster uses (default: Ray's guess)")
+    s.add_argument("--loopback", action="store_true",
+                   help="a one-machine cluster that listens on 127.0.0.1 only")
+    s.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (off)")
+    s.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    s.add_argument("--json", action="store_true")
+    s = fsub.add_parser("status", help="the cluster's nodes, CPUs and device timing slots")
+    _cluster(s, "the cluster to list")
+    s.add_argument("--json", action="store_true")
+
+
+def cmd_fleet(args) -> None:
+    from hwnas import fleet
+    from hwnas.distributed import cluster_address
+
+    if args.fleet_cmd == "status":
+        address = cluster_address(args.cluster) or "auto"
+        fleet.connect(address)
+        st = fleet.status()
+        _emit(args, {"cluster": address, **st},
+              [f"{len(st['nodes'])} node(s), {st['cpus']:g} CPUs"]
+              + [f"  {n['address']}: {n['cpus']:g} CPUs, {n['gpus']:g} GPUs; "
+                 + (", ".join(f"{k} x{v}" for k, v in n["slots"].items()) or "no device slots")
+                 for n in st["nodes"]])
+        return
+    import os
+    import shlex
+    import subprocess
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    resources = fleet.node_resources(devices, args.slots)
+    node_ip = "127.0.0.1" if args.loopback else args.node_ip_address
+    cmd = fleet.ray_start_command(args.head, args.address, resources, args.num_cpus, args.port,
+                                  node_ip, args.dashboard)
+    env = {**os.environ, **({fleet._LOOPBACK_ENV: "0"} if args.loopback else {})}
+    out = {"command": cmd, "resources": resources, "ran": not args.dry_run}
+    if not args.dry_run:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts"] + cmd[1:],
+                                  env=env, capture_output=True, text=True, timeout=300)
+        except FileNotFoundError:
+            raise UserError(f"`ray start` needs Ray: {fleet.INSTALL}") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"`{' '.join(cmd)}` failed: {tail}")
+        out["output"] = proc.stdout
+    _emit(args, out, [shlex.join(cmd)] + ([] if args.dry_run else [proc.stdout.strip()]))
 
 
 def _shape(args, space):
@@ -280,22 +368,62 @@ def cmd_profile(args) -> None:
     from hwnas.latency.table import tables_dir
     from hwnas.spaces import get_space
 
+    from hwnas.distributed import cluster_address
+
     device, space = load_device(args.device), get_space(args.space)
     shape = _shape(args, space)
+    if cluster_address(args.cluster) is not None:
+        return _profile_fleet(args, device, space, shape)
+    if args.hosts or args.shard_size:
+        raise UserError("--hosts and --shard-size need --cluster")
     rep = profile(device, space, shape, args.tables or tables_dir(), _protocol(args),
                   calibration_n=args.calibration_n, seed=args.seed, progress=not args.quiet,
                   require_quiet=args.require_quiet)
     rep.table.check_fingerprint(device, strict=args.strict)
     d = rep.to_dict()
+    _emit(args, d, _profile_lines(d))
+
+
+def _profile_lines(d: dict) -> list[str]:
     cal = d["calibration"]
     canary = d["canary"] or {}
-    _emit(args, d, [f"{d['table']}: {d['rows']} ops ({d['measured_ops']} measured now, "
-                    f"{d['reused_ops']} reused), host {d['host']}",
-                    f"canary {canary.get('arch')}: {canary.get('latency_ms', float('nan')):.4f} ms",
-                    f"calibration: latency = {cal['intercept_ms']:.4f} ms + "
-                    + " + ".join(f"{v:.3f}×Σ{k}" for k, v in cal["slopes"].items())
-                    + f" (max fit error {cal['fit_max_abs_err_pct']:.2f}%)"
-                    if cal.get("slopes") is not None else "calibration: none"])
+    return [f"{d['table']}: {d['rows']} ops ({d['measured_ops']} measured now, "
+            f"{d['reused_ops']} reused), host {d['host']}",
+            f"canary {canary.get('arch')}: {canary.get('latency_ms', float('nan')):.4f} ms",
+            f"calibration: latency = {cal['intercept_ms']:.4f} ms + "
+            + " + ".join(f"{v:.3f}×Σ{k}" for k, v in cal["slopes"].items())
+            + f" (max fit error {cal['fit_max_abs_err_pct']:.2f}%)"
+            if cal.get("slopes") is not None else "calibration: none"]
+
+
+def _profile_fleet(args, device, space, shape) -> None:
+    """`hwnas profile --cluster`: the tables of several hosts, each timed on its own nodes."""
+    from hwnas import fleet
+    from hwnas.distributed import get_executor
+    from hwnas.hosts import check_host_id
+    from hwnas.latency.shards import profile_hosts
+    from hwnas.latency.table import tables_dir
+
+    executor = get_executor(args.cluster)
+    slots = fleet.device_slots(device.name)
+    if args.hosts:
+        wanted = [check_host_id(h.strip()) for h in args.hosts.split(",") if h.strip()]
+        absent = [h for h in wanted if h not in slots]
+        if absent:
+            raise UserError(f"no node of the cluster advertises {device.name} on host "
+                            f"{', '.join(absent)}; hosts with slots: {', '.join(slots) or 'none'} "
+                            "(`hwnas fleet status`)")
+        slots = {h: slots[h] for h in wanted}
+    if not slots:
+        raise UserError(f"no node of the cluster advertises device {device.name}: start workers "
+                        f"with `hwnas fleet start --devices {device.name} ...`")
+    reports = profile_hosts(executor, device, space, shape, args.tables or tables_dir(), slots,
+                            _protocol(args), calibration_n=args.calibration_n, seed=args.seed,
+                            shard_size=args.shard_size, progress=not args.quiet,
+                            require_quiet=args.require_quiet)
+    tables = [r.to_dict() for r in reports]
+    _emit(args, {"cluster": executor.describe()["cluster"], "tables": tables},
+          [line for d in tables for line in _profile_lines(d)])
 
 
 def cmd_predict(args) -> None:
@@ -401,10 +529,13 @@ def cmd_validate(args) -> None:
     else:
         prefix = args.out or new_run_dir("validate", f"{device.name}-{name}") / name
     check_writable(prefix.with_name(prefix.name + ".validation.csv"))  # before measuring
+    from hwnas.distributed import cluster_address, get_executor
+
+    executor = get_executor(args.cluster) if cluster_address(args.cluster) else None
     rep = validate(pred, device, args.n, args.seed, prefix,
                    noise_file=pred.table.path.parent / "noise.json", protocol=_protocol(args),
                    progress=not args.quiet, canary=args.canary == "report",
-                   require_quiet=args.require_quiet)
+                   require_quiet=args.require_quiet, executor=executor)
     d, lines = rep.to_dict(), rep.lines()
     if args.explain:
         from hwnas.latency import explain
@@ -592,7 +723,7 @@ def cmd_search(args) -> None:
         seed=args.seed, input_shape=_shape(args, space), tables=args.tables, out=args.out,
         verify=args.verify, strict=args.strict, host=args.host, canary=args.canary,
         val_n=args.val_n, progress=not args.quiet,
-        protocol=_protocol(args)))
+        protocol=_protocol(args), cluster=args.cluster, actors=args.actors))
     lines = [f"{res.method} under {res.budget_ms:g} ms ({res.evaluations} evaluations, seed "
              f"{res.seed}): {res.best_arch}",
              f"  predicted {res.predicted_latency_ms:.3f} ms, supernet score "
@@ -608,7 +739,7 @@ def cmd_search(args) -> None:
     _emit(args, out, lines)
 
 
-COMMANDS.update({"supernet": cmd_supernet, "search": cmd_search})
+COMMANDS.update({"supernet": cmd_supernet, "search": cmd_search, "fleet": cmd_fleet})
 
 
 def cmd_detect(args) -> None:

@@ -24,12 +24,12 @@ from hwnas.backends import Runner, compiled
 from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text, clean_orphans
-from hwnas.hosts import record_host
+from hwnas.hosts import host_id, record_host
 from hwnas.locks import output_lock
 from hwnas.latency.predict import fit_calibration
 from hwnas.latency.table import LatencyTable, new_table, now_iso, table_path
 from hwnas.measure import Contention, LatencyStats, Protocol, measure_interleaved
-from hwnas.spaces.base import Arch, SearchSpace, Shape
+from hwnas.spaces.base import Arch, OpKey, SearchSpace, Shape
 
 
 @dataclass
@@ -120,11 +120,13 @@ class ProfileReport:
 
 
 def open_table(root: Path, device: Device, space: SearchSpace, input_shape: Shape,
-               protocol: Protocol) -> LatencyTable:
-    """This host's table to extend: the existing one (checked) or a new, empty one."""
-    path = table_path(root, device, space.name, input_shape)
+               protocol: Protocol, fingerprint: dict | None = None) -> LatencyTable:
+    """The table to extend: the existing one (checked) or a new, empty one. The host is the one
+    `fingerprint` names (a fleet worker's), by default this host."""
+    host = host_id(fingerprint) if fingerprint is not None else None
+    path = table_path(root, device, space.name, input_shape, host)
     if not path.exists():
-        return new_table(path, device, space.name, input_shape, protocol.to_dict())
+        return new_table(path, device, space.name, input_shape, protocol.to_dict(), fingerprint)
     table = LatencyTable.load(path)
     want = {"device": device.name, "space": space.name, "input_shape": list(input_shape)}
     got = {k: table.meta.get(k) for k in want}
@@ -142,24 +144,64 @@ def profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
     Resumes where it stopped. One run per table: a second exits at once naming the first."""
     path = table_path(root, device, space.name, input_shape)
     with output_lock(path):
-        for p in (path, path.with_suffix(".json"), path.with_suffix(".partial.json"),
-                  path.with_suffix(".calibration.partial.json"), Path(root) / "hosts.json"):
-            clean_orphans(p)  # a kill during a save leaves its temporary file
+        clean_profile_orphans(path, root)
         return _profile(device, space, input_shape, root, protocol, calibration_n, seed,
                         progress, require_quiet)
 
 
-def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
-             protocol: Protocol, calibration_n: int, seed: int, progress: bool,
-             require_quiet: bool) -> ProfileReport:
+def clean_profile_orphans(path: Path, root: Path) -> None:
+    """A kill during a save leaves its temporary file (the caller holds the table's lock)."""
+    for p in (path, path.with_suffix(".json"), path.with_suffix(".partial.json"),
+              path.with_suffix(".calibration.partial.json"),
+              path.with_suffix(".shards.partial.json"), Path(root) / "hosts.json"):
+        clean_orphans(p)
+
+
+@dataclass
+class ProfilePlan:
+    """What one profile run of one table measures: the ops the table lacks (`todo`), the
+    calibration candidates (`archs`) and the canary, as one list of `labels` (op key strings,
+    then arch strings) measured interleaved."""
+
+    table: LatencyTable
+    keys: dict[str, OpKey]
+    todo: list[str]
+    archs: list[Arch]
+    labels: list[str]
+    seed: int
+
+    def builder(self, space: SearchSpace, input_shape: Shape):
+        """`build(label) -> (module, input shapes)` for `measure_labelled`."""
+        return label_builder(space, input_shape, self.keys)
+
+    @property
+    def what(self) -> str:
+        return (f"{len(self.todo)} ops, " if self.todo else "") + (
+            f"{len(self.archs)} calibration candidates" if self.archs else "the canary")
+
+
+def label_builder(space: SearchSpace, input_shape: Shape, keys: dict[str, OpKey]):
+    def build(label: str):
+        if label in keys:  # an op: one input per shape (an FPN takes every level)
+            return space.build_op(keys[label]), keys[label].in_shapes
+        return space.build(space.parse(label)), input_shape
+    return build
+
+
+def plan_profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
+                 protocol: Protocol, calibration_n: int, seed: int,
+                 fingerprint: dict | None = None) -> ProfilePlan:
+    """The labels a profile run measures for the table of the host `fingerprint` names (by
+    default this host, measured here): the same plan for the same table, seed and space, so a
+    resumed run (in-process or on a fleet) asks for the same labels."""
     if calibration_n < 0 or 0 < calibration_n < space.num_kinds() + 2:
         raise UserError(f"--calibration-n must be 0 (no calibration) or at least "
                         f"{space.num_kinds() + 2} (an intercept and a slope per choice)")
-    table = open_table(root, device, space, input_shape, protocol)
+    table = open_table(root, device, space, input_shape, protocol, fingerprint)
     keys = {str(k): k for k in space.unique_op_keys(input_shape, device.precision)}
     todo = [k for k in keys if k not in table.rows]
     if todo and table.rows:
-        diffs = fingerprint_diff(table.meta["fingerprint"], device.fingerprint())
+        diffs = fingerprint_diff(table.meta["fingerprint"], fingerprint or device.fingerprint())
         if diffs:
             raise UserError(f"latency table {table.path} was measured with another setup "
                             f"({'; '.join(diffs)}); adding rows here would mix them: pass "
@@ -174,43 +216,56 @@ def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
     need_canary = bool(todo) or calibrate or not table.meta.get("canary")
     labels = todo + [str(a) for a in archs] + ([canary] if need_canary and canary not in
                                                {str(a) for a in archs} else [])
-    journal = table.path.with_suffix(".partial.json")
-    resumed = 0
-    if labels:
+    return ProfilePlan(table, keys, todo, archs, labels, seed)
+
+
+def finish_profile(plan: ProfilePlan, space: SearchSpace, input_shape: Shape, root: Path,
+                   device: Device, stats: dict[str, LatencyStats] | None,
+                   contention: Contention | None, fingerprint: dict | None = None,
+                   resumed_rounds: int = 0) -> ProfileReport:
+    """Merge the measured `stats` (of every label of `plan`) into its table, fit the
+    calibration, set the canary, save, and index the host. `fingerprint` is the measuring
+    machine's (default: this one's)."""
+    table, todo, archs = plan.table, plan.todo, plan.archs
+    if plan.labels:
         if todo and table.rows:
             table.meta["calibration"] = None  # rows will change: the old fit no longer applies
-
-        def build(label: str):
-            if label in keys:  # an op: one input per shape (an FPN takes every level)
-                return space.build_op(keys[label]), keys[label].in_shapes
-            return space.build(space.parse(label)), input_shape
-
-        what = (f"{len(todo)} ops, " if todo else "") + (
-            f"{len(archs)} calibration candidates" if archs else "the canary")
-        got = measure_labelled(labels, build, device, protocol, journal,
-                               desc=f"profiling {what} of {space.name}", progress=progress)
-        contention_check(got.contention, f"{table.path.name}", require_quiet, journal)
-        resumed = got.resumed_rounds
-        table.rows.update({k: got.stats[k] for k in todo})
+        table.rows.update({k: stats[k] for k in todo})
         if todo:  # this run's record covers the rows; a recalibration adds its own beside
-            table.meta["contention"] = {"profile": got.contention.to_dict()}
-            table.meta["fingerprint"] = device.fingerprint()
+            table.meta["contention"] = {"profile": contention.to_dict()}
+            table.meta["fingerprint"] = fingerprint or device.fingerprint()
             table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
         else:
-            table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
+            table.meta.setdefault("contention", {})["calibration"] = contention.to_dict()
         if archs:
             cal = fit_calibration(space, table, input_shape, archs,
-                                  [got.stats[str(a)].best_ms for a in archs])
+                                  [stats[str(a)].best_ms for a in archs])
             table.meta["calibration"] = cal.to_dict()
-            table.meta["calibration_seed"] = seed
-        set_canary(table, space, got.stats)
+            table.meta["calibration_seed"] = plan.seed
+        set_canary(table, space, stats)
         table.save()
     # a run killed between saving its rows and removing its journal leaves one behind; an
     # older hwnas kept the calibration's rounds in a journal of their own
-    journal.unlink(missing_ok=True)
+    table.path.with_suffix(".partial.json").unlink(missing_ok=True)
     table.path.with_suffix(".calibration.partial.json").unlink(missing_ok=True)
     record_host(root, table.meta["fingerprint"], device.name, table.meta["created"])
-    return ProfileReport(table, len(todo), len(keys) - len(todo), bool(archs), resumed)
+    return ProfileReport(table, len(todo), len(plan.keys) - len(todo), bool(archs),
+                         resumed_rounds)
+
+
+def _profile(device: Device, space: SearchSpace, input_shape: Shape, root: Path,
+             protocol: Protocol, calibration_n: int, seed: int, progress: bool,
+             require_quiet: bool) -> ProfileReport:
+    plan = plan_profile(device, space, input_shape, root, protocol, calibration_n, seed)
+    journal = plan.table.path.with_suffix(".partial.json")
+    if not plan.labels:
+        return finish_profile(plan, space, input_shape, root, device, None, None)
+    got = measure_labelled(plan.labels, plan.builder(space, input_shape), device, protocol,
+                           journal, desc=f"profiling {plan.what} of {space.name}",
+                           progress=progress)
+    contention_check(got.contention, f"{plan.table.path.name}", require_quiet, journal)
+    return finish_profile(plan, space, input_shape, root, device, got.stats, got.contention,
+                          resumed_rounds=got.resumed_rounds)
 
 
 CANARY_WHAT = ("a fixed reference candidate (choice 0 at every layer) timed with the table; "

@@ -215,8 +215,11 @@ class LatencyTable:
 
 
 def new_table(path: Path, device: Device, space: str, input_shape: Shape,
-              protocol: dict[str, Any]) -> LatencyTable:
-    fp = device.fingerprint()
+              protocol: dict[str, Any], fingerprint: dict[str, Any] | None = None
+              ) -> LatencyTable:
+    """An empty table; `fingerprint` is the measuring machine's (default: this one's, as
+    `device.fingerprint()`; a fleet worker's when the table is built on another node)."""
+    fp = fingerprint if fingerprint is not None else device.fingerprint()
     meta = {"format": FORMAT, "device": device.name, "host": host_id(fp), "space": space,
             "input_shape": list(input_shape), "fingerprint": fp,
             "protocol": protocol, "created": now_iso(),

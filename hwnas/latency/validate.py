@@ -115,10 +115,13 @@ def _age_h(then: str) -> float | None:
 def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_prefix: Path,
              noise_file: Path | None = None, protocol: Protocol = Protocol(), group: int = 100,
              progress: bool = True, canary: bool = True,
-             require_quiet: bool = False) -> ValidationReport:
+             require_quiet: bool = False, executor=None) -> ValidationReport:
     """Measure `n` held-out candidates (and, with `canary`, the table's canary interleaved with
     every group, for the drift since the table was made); write
-    ``<out_prefix>.validation.{csv,png}``."""
+    ``<out_prefix>.validation.{csv,png}``.
+
+    With a cluster `executor` (`hwnas.distributed.get_executor`), the groups are timed on the
+    nodes of the table's host, one group per timing slot at a time, instead of here."""
     space, shape, table = predictor.space, predictor.input_shape, predictor.table
     canary_arch = (table.meta.get("canary") or {}).get("arch") if canary else None
     exclude = set(predictor.calibration.archs) | ({canary_arch} if canary_arch else set())
@@ -128,11 +131,12 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
     parts, canary_now = [], []
     bar = tqdm(total=len(archs), desc="validating", unit="cand", disable=not progress,
                dynamic_ncols=True)
-    for start in range(0, len(archs), group):
-        chunk = [str(a) for a in archs[start:start + group]]
-        got = measure_labelled(chunk + ([canary_arch] if canary_arch else []),
-                               candidate_builder(space, shape), device, protocol,
-                               progress=False)
+    starts = list(range(0, len(archs), group))
+    chunks = [[str(a) for a in archs[s:s + group]] for s in starts]
+    labels = [c + ([canary_arch] if canary_arch else []) for c in chunks]
+
+    def take(i: int, got) -> None:  # a measured group (in-process `Labelled`, or a shard's)
+        start, chunk = starts[i], chunks[i]
         measured[start:start + len(chunk)] = [got.stats[lb].best_ms for lb in chunk]
         if canary_arch:
             now = got.stats[canary_arch].best_ms
@@ -140,6 +144,15 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
             ratio[start:start + len(chunk)] = drift_from(table, now).ratio
         parts.append(got.contention)
         bar.update(len(chunk))
+
+    if executor is None:
+        for i, g in enumerate(labels):
+            take(i, measure_labelled(g, candidate_builder(space, shape), device, protocol,
+                                     progress=False))
+    else:
+        from hwnas.latency.shards import measure_on_host
+
+        measure_on_host(executor, device, table.host, space, shape, labels, protocol, take)
     bar.close()
     contention = Contention.combine(parts)
     contention_check(contention, "this validation", require_quiet)

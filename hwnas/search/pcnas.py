@@ -155,6 +155,9 @@ class PCNASSearch(Search):
                 stop = self.train_base_step + self.stage * self.train_interval
                 self.trainer.train_to(stop, self._pool_sampler(), desc=f"pcnas stage "
                                       f"{self.stage} training")
+                reload = getattr(self.executor, "reload", None)
+                if reload is not None:  # copies of the supernet held by cluster actors are stale
+                    reload(self.accuracy)
             self.save_state()
         # the final pool's best full model is the pick, not the best score seen on the way
         final = [str(self.arch_of(p)) for p in self.pool if len(p) == self.space.num_layers]

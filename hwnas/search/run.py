@@ -39,6 +39,8 @@ class SearchConfig:
     progress: bool = True
     options: dict = field(default_factory=dict)  # method-specific keyword arguments
     protocol: object = None
+    cluster: str | None = None  # where candidates are scored (`hwnas.distributed.get_executor`)
+    actors: int | None = None  # evaluation actors on a cluster (default: one per CPU)
 
 
 def _file(prefix: Path, ext: str) -> Path:
@@ -53,6 +55,7 @@ def default_out(cfg: SearchConfig) -> Path:
 def run_search(cfg: SearchConfig) -> SearchResult:
     from hwnas.data import load_data
     from hwnas.devices import load_device
+    from hwnas.distributed import get_executor
     from hwnas.latency.lookup import open_predictor
     from hwnas.search.identity import search_identity
     from hwnas.spaces import get_space
@@ -84,11 +87,19 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         identity = search_identity(device, table.path, cfg.supernet, shape,
                                    bn_batches=cfg.bn_batches, options=cfg.options,
                                    host=table.host, canary=cfg.canary)
-        search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
-                                     cfg.seed, state_path=out.with_name(out.name + ".state.json"),
-                                     progress=cfg.progress, identity=identity, **cfg.options)
-        result = search.run()
+        executor = get_executor(cfg.cluster, cfg.actors)  # in-process unless a cluster is named
+        try:
+            search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
+                                         cfg.seed,
+                                         state_path=out.with_name(out.name + ".state.json"),
+                                         progress=cfg.progress, identity=identity,
+                                         executor=executor, **cfg.options)
+            result = search.run()
+            evaluated_on = executor.describe()
+        finally:
+            executor.close()
         result.context = {
+            "evaluated_on": evaluated_on,
             "device": device.name, "table": str(table.path), "host": table.host,
             "drift": drift.to_dict() if drift else None, "input_shape": list(shape),
             "supernet": str(cfg.supernet), "supernet_space": meta["space"],
