@@ -91,6 +91,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--verify", action="store_true", help="export the pick (NMS inside) and "
                    "measure it on the device against the budget")
     s.add_argument("--span-s", type=float, default=None, help="protocol span for --verify")
+    s.add_argument("--cluster", default=None, metavar="ADDR", help="where candidates are "
+                   "scored: local (default, in this process), auto, HOST:PORT or ray://HOST:PORT"
+                   " (Ray actors each holding the supernet); default $HWNAS_CLUSTER, else local")
+    s.add_argument("--actors", type=int, default=None, help="with --cluster: evaluation actors")
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -227,7 +231,8 @@ def _search(args) -> None:
         supernet=args.supernet, evaluations=args.evaluations, seed=args.seed,
         tables=args.tables, out=args.out, verify=args.verify, strict=args.strict,
         host=args.host, canary=args.canary, val_n=args.val_n, progress=not args.quiet,
-        protocol=Protocol() if args.span_s is None else Protocol(span_s=args.span_s)))
+        protocol=Protocol() if args.span_s is None else Protocol(span_s=args.span_s),
+        cluster=args.cluster, actors=args.actors))
     line = (f"{res.method} under {res.budget_ms:g} ms ({res.evaluations} evaluations, seed "
             f"{res.seed}): {res.best_arch}\n  predicted {res.predicted_latency_ms:.3f} ms, "
             f"supernet AP {100 * res.score:.1f}\n  saved {res.context['json']} and "

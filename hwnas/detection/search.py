@@ -42,7 +42,9 @@ class DetSearchConfig:
     progress: bool = True
     options: dict | None = None
     protocol: Protocol | None = None
-    executor: object = None  # an hwnas.distributed.Executor (default in-process)
+    cluster: str | None = None  # where candidates are scored (hwnas.distributed.get_executor)
+    actors: int | None = None  # evaluation actors on a cluster (default: one per CPU)
+    threads: int = 1  # torch threads for scoring in this process (2 fight on a busy 2-core host)
     latency: object = None  # a ready predictor (e.g. canary-corrected) instead of the table's
     scorer: object = None  # a ready DetSupernetScorer of `supernet` (the demo reuses it)
 
@@ -80,7 +82,10 @@ def open_scorer(path: Path, space, cfg: DetSearchConfig):
 
 
 def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
+    import torch
+
     from hwnas.devices import load_device
+    from hwnas.distributed import get_executor
     from hwnas.latency.lookup import open_predictor
     from hwnas.search.identity import search_identity
     from hwnas.search.run import verify_pick
@@ -89,6 +94,7 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     device, space = load_device(cfg.device), get_space(cfg.space)
+    torch.set_num_threads(cfg.threads)
     shape = space.default_input
     protocol = cfg.protocol or Protocol()
     if cfg.latency is not None:
@@ -107,13 +113,19 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
         identity = search_identity(device, lut.table.path, cfg.supernet, shape,
                                    bn_batches=cfg.bn_batches, options=cfg.options or {},
                                    host=lut.table.host, canary=cfg.canary)
-        search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
-                                     cfg.seed, executor=cfg.executor,
-                                     state_path=_file(out, ".state.json"),
-                                     progress=cfg.progress, identity=identity,
-                                     **(cfg.options or {}))
-        result = search.run()
+        executor = get_executor(cfg.cluster, cfg.actors)  # in-process unless a cluster is named
+        try:
+            search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
+                                         cfg.seed, executor=executor,
+                                         state_path=_file(out, ".state.json"),
+                                         progress=cfg.progress, identity=identity,
+                                         **(cfg.options or {}))
+            result = search.run()
+            evaluated_on = executor.describe()
+        finally:
+            executor.close()
         result.context = {
+            "evaluated_on": evaluated_on,
             "device": device.name, "table": str(lut.table.path), "host": lut.table.host,
             "drift": drift.to_dict() if drift else None, "input_shape": list(shape),
             "supernet": str(cfg.supernet), "supernet_space": det_space(meta),
