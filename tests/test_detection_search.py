@@ -106,6 +106,14 @@ def test_scorer_recalibrates_each_path(supernet):
     first = sc.predict(archs)
     assert ((0 <= first) & (first <= 1)).all()
     assert np.array_equal(first, sc.predict(archs[::-1])[::-1])  # order does not matter
+    # the search's COCOeval (faster-coco-eval) gives pycocotools' numbers
+    from hwnas.detection.evaluate import coco_metrics
+    sc.det.backbone.choices = archs[0].choices
+    sc.det.eval()
+    with torch.no_grad():
+        dets = [{k: v.numpy() for k, v in d.items()} for x in sc.val_x
+                for d in sc.det.postprocess(sc.det(x))]
+    assert coco_metrics(sc.val, dets, fast=True) == coco_metrics(sc.val, dets)
     bn = det.backbone.layers[0][1].branch_main[1]
     sc.score(space.parse("tiny-fcos:1000"))
     mean_1 = bn.running_mean.clone()

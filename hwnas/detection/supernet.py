@@ -19,6 +19,7 @@ around it is `hwnas.detection.model.Detector`, unchanged: only its backbone runs
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -192,6 +193,8 @@ class DetSupernetScorer:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
         self.det, self.val, self.seed = det, val, seed
+        # faster-coco-eval when installed: the same numbers as pycocotools (tested), ~7x faster
+        self.fast = importlib.util.find_spec("faster_coco_eval") is not None
         self.space: SearchSpace = det.backbone.space
         self.val_n = len(val) if val_n is None else min(val_n, len(val))
         self.bn_batches, self.bn_batch_size = bn_batches, bn_batch_size
@@ -243,7 +246,7 @@ class DetSupernetScorer:
                 dets.append({k: v.numpy() for k, v in d.items()})
         for bn in bns:
             bn.momentum = 0.1
-        return float(coco_metrics(self.val, dets)["AP"])
+        return float(coco_metrics(self.val, dets, fast=self.fast)["AP"])
 
     def predict(self, archs: Sequence[Arch]) -> np.ndarray:
         return np.array([self.score(a) for a in archs], dtype=np.float64)
