@@ -52,7 +52,7 @@ def det_ps():
 @pytest.fixture(scope="module")
 def mixed_tables(tmp_path_factory, int8, ps):
     root = tmp_path_factory.mktemp("mixed")
-    profile_mixed(int8, ps, root, FAST, calibration_n=6, progress=False)
+    profile_mixed(int8, ps, root, FAST, calibration_n=7, progress=False)
     return root
 
 
@@ -175,7 +175,8 @@ def test_table_rows_predictor_and_resume(int8, ps, mixed_tables):
     assert table.path == mixed_table_path(mixed_tables, int8, ps)
     assert table.path.name == "tiny_1x3x32x32.mixed-0123.csv"
     cal = table.meta["calibration"]
-    assert set(cal["slopes"]) == {"fp32", "int8", "edges"} and len(cal["assignments"]) == 6
+    assert set(cal["edge_offsets_ms"]) == {"fp32>int8", "int8>fp32", "int8>int8"}
+    assert len(cal["assignments"]) == 7 and "loo_within_5pct" in cal
     pred = MixedPredictor(table, ps)
     # an edge's cost is its pair's row minus its two units' rows
     e = ps.edges[2]
@@ -188,7 +189,7 @@ def test_table_rows_predictor_and_resume(int8, ps, mixed_tables):
     assert np.allclose(many, [pred.predict(a) for a in assigns])
     prob = Problem.build(pred, np.zeros((6, 2)), ps.weight_counts())
     assert np.allclose(prob.latency_ms(np.array([a.choices for a in assigns])), many)
-    again = profile_mixed(int8, ps, mixed_tables, FAST, calibration_n=6, progress=False)
+    again = profile_mixed(int8, ps, mixed_tables, FAST, calibration_n=7, progress=False)
     assert again.measured_rows == 0 and not again.calibrated  # complete: nothing re-timed
 
 
@@ -365,7 +366,7 @@ def test_cli_bad_input_is_one_line_exit_2(classifier, mixed_tables, tmp_path, en
 def test_cli_checkpoint_of_another_arch_and_device_without_int8(classifier, mixed_tables,
                                                                 tmp_path, env, int8, tiny):
     ps2 = PrecisionSpace(tiny, tiny.parse("tiny:3210"), tiny.default_input)
-    profile_mixed(int8, ps2, mixed_tables, FAST, calibration_n=6, progress=False)
+    profile_mixed(int8, ps2, mixed_tables, FAST, calibration_n=7, progress=False)
     p = run_cli(*_args(mixed_tables, classifier, tmp_path / "q.onnx", "--budget-ms", "10",
                        "--arch", "tiny:3210"), check_rc=2)
     assert "holds arch tiny:0123, not tiny:3210" in p.stderr
@@ -389,7 +390,7 @@ def test_detector_end_to_end(tmp_path_factory, int8, det_ps, env):
     DetectorTrainer(DetTrainConfig(space="tiny", arch="tiny:0000", data=str(data),
                                    image_size=64, steps=2, batch_size=4, warmup_steps=1,
                                    ckpt_every=2), ckpt, progress=False).run()
-    profile_mixed(int8, det_ps, tmp / "tables", FAST, calibration_n=6, progress=False)
+    profile_mixed(int8, det_ps, tmp / "tables", FAST, calibration_n=7, progress=False)
     out = tmp / "q.onnx"
     res = run_quantize(QuantizeConfig(
         device="cpu-ort-int8", space="tiny-fcos", arch="tiny:0000", ckpt=ckpt,

@@ -94,9 +94,12 @@ def cmd_quantize(args) -> None:
         cal = res["calibration"]
         _emit(args, res, [f"{res['table']}: {res['rows']} rows ({res['measured_rows']} measured "
                           f"now, {res['reused_rows']} reused)",
-                          f"  calibration: intercept {cal['intercept_ms']:.3f} ms, slopes "
-                          + ", ".join(f"{k} {v:.3f}" for k, v in (cal["slopes"] or {}).items())
-                          + f", max fit error {cal['fit_max_abs_err_pct']:.2f}%"])
+                          f"  calibration: intercept {cal['intercept_ms']:.3f} ms, slope "
+                          f"{cal['slope']:.3f}, edge offsets "
+                          + ", ".join(f"{k} {1000 * v:+.0f} us" for k, v in
+                                      (cal["edge_offsets_ms"] or {}).items())
+                          + f"; max fit error {cal['fit_max_abs_err_pct']:.2f}%, leave-one-out "
+                          f"{100 * cal['loo_within_5pct']:.0f}% within 5%"])
         return
     if args.validate is not None:
         rep = run_validate(cfg, args.validate, args.out, args.publish,

@@ -16,9 +16,9 @@ each edge where it happens:
   the Q/DQ the two units paid alone, for a mixed edge it is the conversion in context (Q/DQ,
   layout reorders, propagated Q/DQ), for fp32→fp32 what the units share (one run's overhead).
 
-A candidate's price is ``intercept + Σ_p slope_p · Σ(units at p) + slope_edges · Σ(edges)``:
-linear in one-hot precision variables and in the pairwise products that the ILP linearises
-(`hwnas.quant.assign`). The calibration is fitted by least squares on whole random assignments
+A candidate's price is ``intercept + slope · (Σ units + Σ edges) + Σ_{p>q} offset[p>q] ·
+(edges at p>q)``: linear in one-hot precision variables and in the pairwise products that the
+ILP linearises (`hwnas.quant.assign`); `MixedPredictor` says why the offsets. The calibration is fitted by least squares on whole random assignments
 measured in the same interleaved run as the rows (as `hwnas profile` does, for the same reason:
 on a drifting host separate phases disagree); the all-fp32 assignment is the canary.
 
@@ -192,15 +192,29 @@ class Builder:
 
 
 # ---- the table's model -------------------------------------------------------------------------
-CALIBRATION_WHAT = ("latency_ms = intercept_ms + sum over precisions p of slope[p] * (sum of the "
-                    "rows of the units at p) + slope['edges'] * (sum over edges of pair row - "
-                    "its two unit rows); least squares on whole assignments measured in the same "
-                    "interleaved run as the rows")
+CALIBRATION_WHAT = ("latency_ms = intercept_ms + slope * (sum of the units' rows + sum over edges "
+                    "of (pair row - its two unit rows)) + sum over precision pairs (p>q, not "
+                    "fp32>fp32) of offset_ms[p>q] * (edges at p>q); least squares on whole "
+                    "assignments measured in the same interleaved run as the rows")
+
+
+def _pair_names(precisions: Sequence[str]) -> list[str]:
+    """The precision pairs of an edge that get an offset of their own (fp32>fp32 is the base)."""
+    return [f"{p}>{q}" for p in precisions for q in precisions if (p, q) != ("fp32", "fp32")]
 
 
 class MixedPredictor:
     """Prices assignments of `ps` from `table`: `predict(a)`, vectorised `predict_many`, and
-    the linear terms (`terms`) the ILP needs."""
+    the linear terms (`terms`) the ILP needs.
+
+    Why a per-boundary offset in the calibration: on det20 @ 320 the rows alone (units, plus
+    each edge as its pair measured it) under-priced whole models by 10-16% when mostly fp32 and
+    by 25-37% when mostly int8; a common slope could not fit both (fit errors to 9%). The
+    surplus grew with the number of int8→int8 boundaries (~50 µs each inside a model, as a
+    regression over the calibration assignments found; leave-one-out error 2.8% against 4.2%
+    without), so each precision pair of an edge gets a fitted offset. It stays linear in the
+    ILP's pair variables.
+    """
 
     def __init__(self, table: MixedTable, ps: PrecisionSpace, calibrated: bool = True,
                  scale: float = 1.0):
@@ -216,12 +230,19 @@ class MixedPredictor:
                 for d, q in enumerate(ps.units[e.dst].precisions):
                     self.edge_ms[k, c, d] = (self._row(pair_label(ps, e, p, q))
                                              - self.unit_ms[e.src, c] - self.unit_ms[e.dst, d])
-        self._prec_ids = np.array([[ps.precisions.index(u.precisions[c]) if c < len(u.precisions)
-                                    else -1 for c in range(P)] for u in ps.units])
+        self.pairs = _pair_names(ps.precisions)
+        # [E, P, P]: which offset (index into self.pairs, -1 for none) edge k takes at (c, d)
+        self._pair_ids = np.full((len(ps.edges), P, P), -1)
+        for k, e in enumerate(ps.edges):
+            for c, p in enumerate(ps.units[e.src].precisions):
+                for d, q in enumerate(ps.units[e.dst].precisions):
+                    if f"{p}>{q}" in self.pairs:
+                        self._pair_ids[k, c, d] = self.pairs.index(f"{p}>{q}")
         cal = table.meta.get("calibration") if calibrated else None
         self.intercept_ms = float(cal["intercept_ms"]) if cal else 0.0
-        slopes = cal["slopes"] if cal else {}
-        self.slopes = {p: float(slopes.get(p, 1.0)) for p in ps.precisions + ("edges",)}
+        self.slope = float(cal["slope"]) if cal else 1.0
+        offsets = cal.get("edge_offsets_ms", {}) if cal else {}
+        self.offsets = np.array([float(offsets.get(n, 0.0)) for n in self.pairs])
 
     def _row(self, label: str) -> float:
         v = self.table.latency_ms(label)
@@ -239,21 +260,26 @@ class MixedPredictor:
         return np.asarray(assigns, dtype=np.int64).reshape(-1, len(self.ps.units))
 
     def features(self, assigns) -> np.ndarray:
-        """[N, precisions + 1]: per precision the sum of its units' rows, then the edges' sum."""
+        """[N, 1 + pairs]: the rows' sum (units and edges), then the edge count per precision
+        pair in `self.pairs`."""
         ch = self._choices(assigns)
         U = np.arange(len(self.ps.units))
-        unit = self.unit_ms[U, ch]  # [N, U]
-        prec = self._prec_ids[U, ch]  # [N, U]: index into ps.precisions
-        out = [np.where(prec == k, unit, 0.0).sum(1) for k in range(len(self.ps.precisions))]
-        src = np.array([e.src for e in self.ps.edges], dtype=np.int64)
-        dst = np.array([e.dst for e in self.ps.edges], dtype=np.int64)
-        E = np.arange(len(self.ps.edges))
-        edges = self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1) if len(E) else np.zeros(len(ch))
-        return np.stack(out + [edges], axis=1)
+        total = self.unit_ms[U, ch].sum(1)
+        cols = []
+        if len(self.ps.edges):
+            src = np.array([e.src for e in self.ps.edges], dtype=np.int64)
+            dst = np.array([e.dst for e in self.ps.edges], dtype=np.int64)
+            E = np.arange(len(self.ps.edges))
+            total = total + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1)
+            ids = self._pair_ids[E, ch[:, src], ch[:, dst]]  # [N, E]
+            cols = [(ids == j).sum(1) for j in range(len(self.pairs))]
+        else:
+            cols = [np.zeros(len(ch)) for _ in self.pairs]
+        return np.column_stack([total] + cols).astype(float)
 
     def predict_many(self, assigns) -> np.ndarray:
         f = self.features(assigns)
-        w = np.array([self.slopes[p] for p in self.ps.precisions] + [self.slopes["edges"]])
+        w = np.r_[self.slope, self.offsets]
         return (self.intercept_ms + f @ w) * self.scale
 
     def predict(self, a: Arch) -> float:
@@ -262,26 +288,32 @@ class MixedPredictor:
     def terms(self) -> tuple[float, np.ndarray, np.ndarray]:
         """(constant ms, [U, P] ms of unit u at choice c, [E, P, P] ms of edge k at choices
         (c, d)), calibration and scale applied: latency = const + Σ unit terms + Σ edge terms."""
-        slope = np.array([[self.slopes[u.precisions[c]] if c < len(u.precisions) else np.nan
-                           for c in range(self.unit_ms.shape[1])] for u in self.ps.units])
-        return (self.intercept_ms * self.scale, self.unit_ms * slope * self.scale,
-                self.edge_ms * self.slopes["edges"] * self.scale)
+        off = np.where(self._pair_ids >= 0, self.offsets[np.maximum(self._pair_ids, 0)], 0.0)
+        return (self.intercept_ms * self.scale, self.unit_ms * self.slope * self.scale,
+                (self.edge_ms * self.slope + off) * self.scale)
 
 
 def fit_calibration(pred: MixedPredictor, assigns: Sequence[Arch], measured_ms: Sequence[float]
                     ) -> dict:
     X = pred.features(assigns)
     y = np.asarray(measured_ms, float)
-    names = list(pred.ps.precisions) + ["edges"]
-    if len(y) < len(names) + 2:
-        raise ValueError(f"calibration needs at least {len(names) + 2} assignments")
+    if len(y) < X.shape[1] + 2:
+        raise ValueError(f"calibration needs at least {X.shape[1] + 2} assignments")
     A = np.c_[np.ones(len(y)), X]
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     fitted = A @ coef
-    return {"intercept_ms": float(coef[0]), "slopes": dict(zip(names, map(float, coef[1:]))),
+    loo = []  # leave-one-out: how the fit does on an assignment it did not see
+    for j in range(len(y)):
+        keep = np.arange(len(y)) != j
+        c, *_ = np.linalg.lstsq(A[keep], y[keep], rcond=None)
+        loo.append(float(A[j] @ c / y[j] - 1) * 100)
+    return {"intercept_ms": float(coef[0]), "slope": float(coef[1]),
+            "edge_offsets_ms": dict(zip(pred.pairs, map(float, coef[2:]))),
             "assignments": [pred.ps.text(a) for a in assigns],
             "measured_ms": [float(v) for v in y], "fitted_ms": [float(v) for v in fitted],
             "fit_max_abs_err_pct": float(np.max(np.abs(fitted / y - 1)) * 100),
+            "loo_within_5pct": float(np.mean(np.abs(loo) <= 5)),
+            "loo_mean_abs_err_pct": float(np.mean(np.abs(loo))),
             "what": CALIBRATION_WHAT}
 
 
@@ -300,8 +332,9 @@ class MixedProfileReport:
                 "rows": len(self.table.rows), "measured_rows": self.measured_rows,
                 "reused_rows": self.reused_rows, "calibrated_now": self.calibrated,
                 "resumed_rounds": self.resumed_rounds,
-                "calibration": {k: cal.get(k) for k in ("intercept_ms", "slopes",
-                                                        "fit_max_abs_err_pct")},
+                "calibration": {k: cal.get(k) for k in (
+                    "intercept_ms", "slope", "edge_offsets_ms", "fit_max_abs_err_pct",
+                    "loo_within_5pct", "loo_mean_abs_err_pct")},
                 "canary": self.table.meta.get("canary"),
                 "contention": self.table.meta.get("contention")}
 
@@ -339,10 +372,10 @@ def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
     """Measure every row `ps`'s candidate needs that this host's mixed table lacks, with
     `calibration_n` whole assignments and the canary in the same interleaved run; fit the
     calibration; save. Resumes an interrupted run from its journal; one run per table."""
-    need = len(ps.precisions) + 3
+    need = len(_pair_names(ps.precisions)) + 4
     if calibration_n < need:
-        raise UserError(f"--calibration-n must be at least {need} (an intercept and a slope per "
-                        "precision and for the edges, and one more)")
+        raise UserError(f"--calibration-n must be at least {need} (an intercept, a slope and an "
+                        "offset per precision pair of an edge, and two more)")
     path = mixed_table_path(root, device, ps)
     with output_lock(path):
         for p in (path, path.with_suffix(".json"), path.with_suffix(".partial.json"),

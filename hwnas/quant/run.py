@@ -206,6 +206,50 @@ class Scored:
     path: str | None = None
 
 
+def latency_of(target, ps: PrecisionSpace) -> str:
+    return ("the realised file" if target.matches_priced else
+            f"its latency twin: {ps.base.name} {ps.arch} @ {'x'.join(map(str, ps.input_shape))} "
+            "with the same assignment and quantiser (the checkpoint is a proxy of it)")
+
+
+def realise_all(target, ps: PrecisionSpace, device: Device, texts: list[str], workdir: Path,
+                cfg: QuantizeConfig, progress: bool = False
+                ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(realised file, file to time) per assignment text: the checkpoint's model calibrated on
+    real training images; the file to time is that file, or its latency twin (the priced
+    candidate, realised the same way on the same images resized) when the checkpoint is a
+    proxy of the priced model."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    fp32 = workdir / "fp32.onnx"
+    if not fp32.is_file():
+        target.export(fp32)
+    feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
+    files, timed = {}, {}
+    twin_fp32 = twin_feeds = None
+    if not target.matches_priced:
+        from hwnas.export import export_onnx
+
+        twin_fp32 = workdir / "twin.onnx"
+        if not twin_fp32.is_file():
+            export_onnx(ps.base.build(ps.arch), ps.input_shape, twin_fp32)
+        twin_feeds = target.calibration_feeds(min(cfg.calibration_images, 16), cfg.seed,
+                                              ps.input_shape)
+    for t in tqdm(texts, desc="realising", unit="model", file=sys.stderr,
+                  disable=not progress, leave=False, dynamic_ncols=True):
+        a = ps.parse(t)
+        files[t] = workdir / f"q-{t}.onnx"
+        if not files[t].is_file():
+            realise(fp32, files[t], device, ps, a, feeds)
+        timed[t] = files[t]
+        if twin_fp32 is not None:
+            timed[t] = workdir / f"twin-{t}.onnx"
+            if not timed[t].is_file():
+                realise(twin_fp32, timed[t], device, ps, a, twin_feeds)
+    return files, timed
+
+
 def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedPredictor,
                         assigns: dict[str, Arch], workdir: Path, cfg: QuantizeConfig,
                         keep: dict[str, Path] | None = None) -> tuple[list[Scored], dict]:
@@ -213,52 +257,16 @@ def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedP
     table's canary (the realised files, or their latency twins when the checkpoint is a proxy),
     and score each on `cfg.eval_split`. `keep[name]` is where to leave that realised file.
     Returns the rows and the measurement's record (contention, drift)."""
-    from hwnas.backends import compile_model
-    from hwnas.latency.lookup import drift_from
-
     workdir = Path(workdir)
-    fp32 = target.export(workdir / "fp32.onnx")
-    feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
     texts = {name: ps.text(a) for name, a in assigns.items()}
     distinct = list(dict.fromkeys(texts.values()))
-    files: dict[str, Path] = {}
-    for t in distinct:
-        files[t] = realise(fp32, workdir / f"q-{t}.onnx", device, ps, ps.parse(t), feeds)
-    timed = files
-    if not target.matches_priced:
-        from hwnas.export import export_onnx
-
-        twin_fp32 = export_onnx(ps.base.build(ps.arch), ps.input_shape, workdir / "twin.onnx")
-        twin_feeds = target.calibration_feeds(min(cfg.calibration_images, 16), cfg.seed,
-                                              ps.input_shape)
-        timed = {t: realise(twin_fp32, workdir / f"twin-{t}.onnx", device, ps, ps.parse(t),
-                            twin_feeds) for t in distinct}
-    record: dict = {"latency_of": "the realised file" if target.matches_priced else
-                    f"its latency twin: {ps.base.name} {ps.arch} @ "
-                    f"{'x'.join(map(str, ps.input_shape))} with the same assignment and "
-                    "quantiser (the checkpoint is a proxy of it)"}
+    files, timed = realise_all(target, ps, device, distinct, workdir, cfg)
+    record: dict = {"latency_of": latency_of(target, ps)}
     measured: dict[str, float] = {}
     if cfg.measure:
-        canary = assign_label(ps, ps.canary())
-        labels = [f"file:{t}" for t in distinct] + ([canary] if canary not in
-                                                     {f"file:{t}" for t in distinct} else [])
-        from hwnas.quant.latency import Builder
-
-        builder = Builder(ps, device, workdir)
-
-        def open_runner(label: str):
-            if label.startswith("file:"):
-                return compile_model(timed[label[5:]], device)
-            return builder(label)
-
-        got = measure_runners(labels, open_runner, cfg.protocol, desc="timing",
-                              progress=cfg.progress)
-        measured = {t: got.stats[f"file:{t}"].best_ms for t in distinct}
-        now = got.stats[f"file:{ps.text(ps.canary())}" if ps.text(ps.canary()) in distinct
-                        else canary].best_ms
-        record["contention"] = got.contention.to_dict()
-        if pred.table.meta.get("canary"):
-            record["drift"] = drift_from(pred.table, now).to_dict()
+        measured, timing = time_files(ps, device, pred, timed, cfg.protocol, workdir,
+                                      progress=cfg.progress)
+        record.update(timing)
     metrics = {t: target.evaluate(files[t], cfg.eval_split) for t in distinct}
     rows = []
     for name, t in texts.items():
@@ -275,6 +283,40 @@ def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedP
         rows.append(Scored(name, t, pred.predict(a), measured.get(t), metrics[t],
                            files[t].stat().st_size / 1e6, str(dest)))
     return rows, record
+
+
+def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: dict[str, Path],
+               protocol: Protocol, workdir: Path, group: int = 30, progress: bool = True
+               ) -> tuple[dict[str, float], dict]:
+    """Time the QDQ `files` (assignment text → file) with the protocol, `group` at a time
+    interleaved with the table's canary (the all-fp32 assignment, compiled as the table's rows
+    were); their latencies and a record of the host's contention and drift."""
+    from hwnas.backends import compile_model
+    from hwnas.latency.lookup import drift_from
+    from hwnas.measure import Contention
+    from hwnas.quant.latency import Builder
+
+    canary = assign_label(ps, ps.canary())
+    builder = Builder(ps, device, Path(workdir))
+
+    def open_runner(label: str):
+        return compile_model(files[label[5:]], device) if label.startswith("file:") else (
+            builder(label))
+
+    texts = list(files)
+    measured: dict[str, float] = {}
+    parts, now = [], []
+    for start in range(0, len(texts), group):
+        chunk = [f"file:{t}" for t in texts[start:start + group]]
+        got = measure_runners(chunk + [canary], open_runner, protocol,
+                              desc=f"timing {start + len(chunk)}/{len(texts)}", progress=progress)
+        measured.update({lb[5:]: got.stats[lb].best_ms for lb in chunk})
+        parts.append(got.contention)
+        now.append(got.stats[canary].best_ms)
+    record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts)}
+    if pred.table.meta.get("canary"):
+        record["drift"] = drift_from(pred.table, float(np.median(now))).to_dict()
+    return measured, record
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
