@@ -290,6 +290,11 @@ def test_weight_perturbation_folds_batchnorm():
     p8, p16 = weight_perturbation(m, "int8"), weight_perturbation(m, "fp16")
     assert 0 < p16 < p8 < float((w.detach() ** 2).sum()) * 1e-3
     assert weight_perturbation(m, "fp32") == 0
+    # per-channel int8 is scale-invariant: a channel whose BN scale is ~0 (a dead channel) does
+    # not blow the perturbation up
+    with torch.no_grad():
+        m[1].weight[0] = 1e-30
+    assert weight_perturbation(m, "int8") == pytest.approx(p8)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ What is quantised (device options; defaults chosen from measurements on this hos
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,12 @@ def quantize_file(onnx_path: str | Path, out_path: str | Path, device: Device,
         onnx.save(model, str(pre))
     if reader is None:
         reader = _RandomReader(inputs, n, seed)
+    # the quantiser logs one root-logger warning per constant it cannot quantise per channel
+    # (the FCOS head's GroupNorm scales: it falls back to per-tensor, as wanted); keep them off
+    # the user's terminal
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
     try:
         quantize_static(str(pre), str(out_path), reader,
                         quant_format=QuantFormat.QDQ, per_channel=bool(opts.get(
@@ -213,6 +220,7 @@ def quantize_file(onnx_path: str | Path, out_path: str | Path, device: Device,
         raise UserError(f"onnxruntime int8 quantisation cannot handle {onnx_path}: "
                         f"{first_line(e)}") from None
     finally:
+        root.setLevel(level)
         pre.unlink(missing_ok=True)
     q = onnx.load(str(out_path))
     if q.ir_version > MAX_IR_VERSION:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from hwnas.backends import Runner, compile_model, compiled
@@ -119,11 +120,42 @@ class Measured:
     contention: Contention
 
 
+class SameFeed(Runner):
+    """A runner timed on a given feed: `measure_interleaved` gives every runner its own random
+    input, and a detector's latency depends on its input (NonMaxSuppression's work follows the
+    boxes), so models compared with each other must see the same one."""
+
+    def __init__(self, runner: Runner, feed: dict):
+        self.runner, self.feed, self.inputs = runner, feed, runner.inputs
+
+    def random_feed(self, rng=None):
+        return self.feed
+
+    def _run(self, feed):
+        return self.runner._run(feed)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def same_feeds(runners: Sequence[Runner], seed: int = 0) -> list[Runner]:
+    """Every runner wrapped to run on one seeded standard-normal feed per input signature."""
+    feeds: dict = {}
+    out = []
+    for r in runners:
+        sig = tuple((s.name, s.shape, str(s.dtype)) for s in r.inputs)
+        if sig not in feeds:
+            feeds[sig] = r.random_feed(np.random.default_rng(seed))
+        out.append(SameFeed(r, feeds[sig]))
+    return out
+
+
 def measure_runners(labels: Sequence[str], open_runner: Callable[[str], Runner],
                     protocol: Protocol, journal: Path | None = None, desc: str = "measuring",
                     progress: bool = True) -> Measured:
     """Compile every label's runner (`open_runner`), then time them all interleaved with the
-    protocol, saving the rounds to `journal` after every round (a rerun resumes them)."""
+    protocol (runners with the same inputs on the same input, `same_feeds`), saving the rounds
+    to `journal` after every round (a rerun resumes them)."""
     prior = None
     if journal is not None and journal.is_file():
         try:
@@ -150,18 +182,34 @@ def measure_runners(labels: Sequence[str], open_runner: Callable[[str], Runner],
                                                        "protocol": protocol.to_dict(),
                                                        "rounds": rounds}))
 
-        m = measure_interleaved(runners, protocol, prior_rounds=prior, on_round=on_round)
+        m = measure_interleaved(same_feeds(runners), protocol, prior_rounds=prior,
+                                on_round=on_round)
         bar.close()
     return Measured(dict(zip(labels, m.stats)), len(prior[0]) if prior else 0, m.contention)
 
 
+@dataclass(frozen=True)
+class WholeModels:
+    """How whole assignments are built for timing: from `onnx` (the trained checkpoint's
+    export, when it is the priced model) or fresh seeded weights, and run on `feed` (a real
+    training image) or a seeded random input. A detector needs the first of each: its
+    post-processing's work (NonMaxSuppression) follows the boxes, and the trained
+    det20-fcos-w0.5 on real images ran 10% slower than fresh weights on noise here."""
+
+    onnx: Path | None = None
+    feed: dict | None = None
+    what: str = "fresh seeded weights on a seeded random input"
+
+
 class Builder:
     """Opens the runner of any row or whole assignment of `ps`'s candidate on `device`
-    (whole assignments share one fp32 export of the candidate, quantised per assignment)."""
+    (whole assignments share one fp32 export of the candidate, quantised per assignment).
+    Fresh modules are built with seeded weights, so a rerun times the same models."""
 
-    def __init__(self, ps: PrecisionSpace, device: Device, tmp: Path):
-        self.ps, self.device, self.tmp = ps, device, Path(tmp)
-        self._whole: Path | None = None
+    def __init__(self, ps: PrecisionSpace, device: Device, tmp: Path,
+                 whole: WholeModels = WholeModels()):
+        self.ps, self.device, self.tmp, self.whole = ps, device, Path(tmp), whole
+        self._whole: Path | None = whole.onnx
         units = {single_label(ps, i, p): (i, p) for i, u in enumerate(ps.units)
                  for p in u.precisions}
         pairs = {pair_label(ps, e, p, q): (e, p, q) for e in ps.edges
@@ -172,23 +220,28 @@ class Builder:
         from hwnas.export import export_onnx
 
         if self._whole is None:
-            self._whole = export_onnx(self.ps.base.build(self.ps.arch), self.ps.input_shape,
-                                      self.tmp / "candidate.onnx")
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                module = self.ps.base.build(self.ps.arch)
+            self._whole = export_onnx(module, self.ps.input_shape, self.tmp / "candidate.onnx")
         return self._whole
 
     def __call__(self, label: str):
         ps = self.ps
         if label.startswith(ASSIGN):
             a = ps.parse(label[len(ASSIGN):])
-            return compile_model(self.whole_onnx(), assignment_device(self.device, ps, a))
-        if label in self.units:
-            i, p = self.units[label]
-            u = ps.units[i]
-            return compiled(ps.base.build_op(u.key), u.key.in_shapes,
-                            mixed_device(self.device, [("/", p)]))
-        e, p, q = self.pairs[label]
-        module, shapes = pair_module(ps, e)
-        return compiled(module, shapes, mixed_device(self.device, [("/a/", p), ("/b/", q)]))
+            r = compile_model(self.whole_onnx(), assignment_device(self.device, ps, a))
+            return SameFeed(r, self.whole.feed) if self.whole.feed is not None else r
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            if label in self.units:
+                i, p = self.units[label]
+                u = ps.units[i]
+                module, shapes, parts = ps.base.build_op(u.key), u.key.in_shapes, [("/", p)]
+            else:
+                e, p, q = self.pairs[label]
+                (module, shapes), parts = pair_module(ps, e), [("/a/", p), ("/b/", q)]
+        return compiled(module, shapes, mixed_device(self.device, parts))
 
 
 # ---- the table's model -------------------------------------------------------------------------
@@ -368,7 +421,8 @@ def calibration_assignments(ps: PrecisionSpace, n: int, seed: int) -> list[Arch]
 
 def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
                   protocol: Protocol = Protocol(), calibration_n: int = 24, seed: int = 0,
-                  progress: bool = True, require_quiet: bool = False) -> MixedProfileReport:
+                  progress: bool = True, require_quiet: bool = False,
+                  whole: WholeModels = WholeModels()) -> MixedProfileReport:
     """Measure every row `ps`'s candidate needs that this host's mixed table lacks, with
     `calibration_n` whole assignments and the canary in the same interleaved run; fit the
     calibration; save. Resumes an interrupted run from its journal; one run per table."""
@@ -396,7 +450,8 @@ def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
         resumed = 0
         if labels:
             with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
-                got = measure_runners(labels, Builder(ps, device, Path(tmp)), protocol, journal,
+                got = measure_runners(labels, Builder(ps, device, Path(tmp), whole), protocol,
+                                      journal,
                                       desc=f"profiling {len(todo)} rows + {len(assigns)} "
                                       "assignments", progress=progress)
             contention_check(got.contention, table.path.name, require_quiet, journal)
@@ -412,6 +467,7 @@ def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
             table.meta["calibration"] = fit_calibration(
                 pred, assigns, [got.stats[assign_label(ps, a)].best_ms for a in assigns])
             table.meta["calibration_seed"] = seed
+            table.meta["whole_models"] = whole.what
             canary = assign_label(ps, ps.canary())
             table.meta["canary"] = {"arch": canary, "latency_ms": got.stats[canary].best_ms,
                                     "measured": now_iso(),
@@ -449,7 +505,8 @@ def load_mixed(root: Path, device: Device, ps: PrecisionSpace, host: str | None 
 # ---- validation ----------------------------------------------------------------------------------
 def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_prefix: Path,
                    noise_file: Path | None = None, protocol: Protocol = Protocol(),
-                   group: int = 25, progress: bool = True, require_quiet: bool = False):
+                   group: int = 25, progress: bool = True, require_quiet: bool = False,
+                   whole: WholeModels = WholeModels()):
     """Measure `n` held-out random assignments (stratified, seeded, none of the calibration's),
     `group` at a time interleaved with the canary; write ``<out_prefix>.validation.{csv,png}``;
     a `hwnas.latency.validate.ValidationReport`."""
@@ -467,7 +524,7 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     bar = tqdm(total=len(assigns), desc="validating", unit="assignment", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
-        builder = Builder(ps, device, Path(tmp))
+        builder = Builder(ps, device, Path(tmp), whole)
         for start in range(0, len(assigns), group):
             chunk = [assign_label(ps, a) for a in assigns[start:start + group]]
             got = measure_runners(chunk + [canary], builder, protocol, progress=False)

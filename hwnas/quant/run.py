@@ -38,8 +38,8 @@ from hwnas.fileio import atomic_write_text, check_writable
 from hwnas.locks import output_lock
 from hwnas.measure import Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, fastest
-from hwnas.quant.latency import (MixedPredictor, assign_label, load_mixed, measure_runners,
-                                 profile_mixed)
+from hwnas.quant.latency import (MixedPredictor, WholeModels, assign_label, load_mixed,
+                                 measure_runners, profile_mixed)
 from hwnas.quant.realise import realise
 from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -130,11 +130,35 @@ def _root(cfg: QuantizeConfig) -> Path:
     return Path(cfg.tables) if cfg.tables else tables_dir()
 
 
+def whole_models(target, ps: PrecisionSpace, workdir: Path, seed: int = 0) -> WholeModels:
+    """Whole models for timing: the trained checkpoint (when it is the priced model) on a
+    real training image, else fresh seeded weights on a real training image resized."""
+    feed = target.calibration_feeds(1, seed + 101, ps.input_shape)[0]
+    if target.matches_priced:
+        path = Path(workdir) / "whole-fp32.onnx"
+        if not path.is_file():
+            target.export(path)
+        return WholeModels(path, feed, f"the trained checkpoint {target.ckpt} (sha256 "
+                           f"{target.identity()['ckpt_sha256'][:12]}) on a real training image")
+    return WholeModels(None, feed, "fresh seeded weights on a real training image (resized "
+                       f"from {target.ckpt})")
+
+
+def _whole_for(cfg: QuantizeConfig, ps: PrecisionSpace, workdir: Path) -> WholeModels:
+    from hwnas.quant.target import load_target
+
+    if cfg.ckpt is None:
+        return WholeModels()
+    target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
+    return whole_models(target, ps, workdir, cfg.seed)
+
+
 def run_profile(cfg: QuantizeConfig, calibration_n: int = 24, require_quiet: bool = False
                 ) -> dict:
     device, ps = _precision_space(cfg)
-    rep = profile_mixed(device, ps, _root(cfg), cfg.protocol, calibration_n, cfg.seed,
-                        cfg.progress, require_quiet)
+    with tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
+        rep = profile_mixed(device, ps, _root(cfg), cfg.protocol, calibration_n, cfg.seed,
+                            cfg.progress, require_quiet, _whole_for(cfg, ps, Path(tmp)))
     return rep.to_dict()
 
 
@@ -152,12 +176,20 @@ def run_validate(cfg: QuantizeConfig, n: int, out: Path | None, publish: bool,
         prefix = mixed_table_path(root, device, ps).with_suffix("")
     else:
         prefix = out or new_run_dir("quantize", "validate") / "mixed"
-    return validate_mixed(pred, device, n, cfg.seed + 1, Path(prefix),
-                          host_dir(root, device) / "noise.json", cfg.protocol, group,
-                          cfg.progress, require_quiet)
+    with tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
+        whole = _whole_for(cfg, ps, Path(tmp))
+        if whole.what != table.meta.get("whole_models", WholeModels().what):
+            emit_warning(f"the table's whole models were {table.meta.get('whole_models')!r}; "
+                         f"these are {whole.what!r}")
+        return validate_mixed(pred, device, n, cfg.seed + 1, Path(prefix),
+                              host_dir(root, device) / "noise.json", cfg.protocol, group,
+                              cfg.progress, require_quiet, whole)
 
 
 # ---- sensitivity, cached ---------------------------------------------------------------------------
+SENSITIVITY_VERSION = 2  # bump when what a cached sensitivity holds changes
+
+
 def _cache_dir() -> Path:
     from hwnas.data import cache_dir
 
@@ -168,7 +200,7 @@ def sensitivity_for(target, ps: PrecisionSpace, device: Device, cfg: QuantizeCon
                     fp32_onnx: Path, workdir: Path) -> tuple[Sensitivity, Path]:
     """The checkpoint's sensitivity (from the cache when the same checkpoint, candidate,
     quantiser options and settings made it before)."""
-    key = {**target.identity(), "precisions": list(ps.precisions),
+    key = {**target.identity(), "version": SENSITIVITY_VERSION, "precisions": list(ps.precisions),
            "quantiser": {k: v for k, v in device.options.items() if k.startswith("int8_")},
            "samples": cfg.hutchinson_samples, "batches": cfg.hutchinson_batches,
            "batch_size": cfg.hessian_batch_size, "seed": cfg.seed,
@@ -265,7 +297,8 @@ def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedP
     measured: dict[str, float] = {}
     if cfg.measure:
         measured, timing = time_files(ps, device, pred, timed, cfg.protocol, workdir,
-                                      progress=cfg.progress)
+                                      progress=cfg.progress,
+                                      whole=whole_models(target, ps, workdir, cfg.seed))
         record.update(timing)
     metrics = {t: target.evaluate(files[t], cfg.eval_split) for t in distinct}
     rows = []
@@ -286,26 +319,31 @@ def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedP
 
 
 def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: dict[str, Path],
-               protocol: Protocol, workdir: Path, group: int = 30, progress: bool = True
-               ) -> tuple[dict[str, float], dict]:
-    """Time the QDQ `files` (assignment text → file) with the protocol, `group` at a time
-    interleaved with the table's canary (the all-fp32 assignment, compiled as the table's rows
-    were); their latencies and a record of the host's contention and drift."""
+               protocol: Protocol, workdir: Path, group: int = 60, progress: bool = True,
+               whole: WholeModels = WholeModels()) -> tuple[dict[str, float], dict]:
+    """Time the QDQ `files` (assignment text → file) with the protocol on `whole.feed`, `group`
+    at a time interleaved with the table's canary (the all-fp32 assignment, built as `whole`
+    says); their latencies and a record of the host's contention and drift (``ratio`` per
+    file: its group's canary now / in the table)."""
     from hwnas.backends import compile_model
     from hwnas.latency.lookup import drift_from
     from hwnas.measure import Contention
-    from hwnas.quant.latency import Builder
+    from hwnas.quant.latency import Builder, SameFeed
 
     canary = assign_label(ps, ps.canary())
-    builder = Builder(ps, device, Path(workdir))
+    builder = Builder(ps, device, Path(workdir), whole)
 
     def open_runner(label: str):
-        return compile_model(files[label[5:]], device) if label.startswith("file:") else (
-            builder(label))
+        if not label.startswith("file:"):
+            return builder(label)
+        r = compile_model(files[label[5:]], device)
+        return SameFeed(r, whole.feed) if whole.feed is not None else r
 
     texts = list(files)
     measured: dict[str, float] = {}
+    ratios: dict[str, float] = {}
     parts, now = [], []
+    has_canary = bool(pred.table.meta.get("canary"))
     for start in range(0, len(texts), group):
         chunk = [f"file:{t}" for t in texts[start:start + group]]
         got = measure_runners(chunk + [canary], open_runner, protocol,
@@ -313,9 +351,14 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
         measured.update({lb[5:]: got.stats[lb].best_ms for lb in chunk})
         parts.append(got.contention)
         now.append(got.stats[canary].best_ms)
-    record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts)}
-    if pred.table.meta.get("canary"):
+        if has_canary:
+            r = drift_from(pred.table, now[-1]).ratio
+            ratios.update({lb[5:]: r for lb in chunk})
+    record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts),
+                    "whole_models": whole.what}
+    if has_canary:
         record["drift"] = drift_from(pred.table, float(np.median(now))).to_dict()
+        record["ratio"] = ratios
     return measured, record
 
 

@@ -9,10 +9,10 @@ metric drop measured when that unit alone is int8.
   error per unit are reported. The model is in eval mode (BatchNorm statistics fixed: the loss
   is then a function of the weights alone).
 - **Perturbation** ‖Q(W) − W‖²: what the quantiser does to the unit's Conv/Linear weights —
-  per-output-channel symmetric int8 (onnxruntime's per-channel ``WeightSymmetric`` rule) of the
-  weights *with BatchNorm folded in* (what onnxruntime quantises), expressed back in the trained
-  parameters' coordinates (divided by the BN scale) so it pairs with the Hessian; for fp16 the
-  rounding to half precision.
+  per-output-channel symmetric int8 (onnxruntime's per-channel ``WeightSymmetric`` rule; it
+  quantises the BN-folded weights, which per channel comes to the same relative error, see
+  `weight_perturbation`), in the trained parameters' coordinates, so it pairs with the Hessian;
+  for fp16 the rounding to half precision.
 - **Ω = Tr(H)/n · ‖ΔW‖²** per unit and precision: HAWQ-V3's sensitivity-weighted perturbation,
   the ILP's objective.
 - **Measured drop**: the metric of the realised model with only that unit in int8 (calibrated
@@ -58,21 +58,26 @@ def quantised_weights(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def weight_perturbation(module: nn.Module, precision: str) -> float:
-    """‖Q(W) − W‖² over the unit's weights, in the trained parameters' coordinates."""
+    """‖Q(W) − W‖² over the unit's Conv/Linear weights, in the trained parameters' coordinates.
+
+    onnxruntime quantises the BN-folded weight s·W per output channel and symmetrically, and
+    that is scale-invariant per channel (Q(s·W_c) = s·Q(W_c) for a channel scale s > 0), so the
+    error in the trained coordinates is that of quantising W itself per channel; dividing the
+    folded error by s instead blew up on channels whose BN scale is ~0 (1e19 on det20's first
+    blocks). fp16 rounding is relative too (outside subnormals)."""
     total = 0.0
-    for w, s in quantised_weights(module):
+    for w, _ in quantised_weights(module):
+        w = w.detach().double()
         shape = (-1,) + (1,) * (w.dim() - 1)
-        wf = w.detach() * s.reshape(shape)  # the folded weight the exporter writes
         if precision == "int8":
-            amax = wf.abs().reshape(wf.shape[0], -1).max(1).values.clamp_min(1e-12)
-            scale = (amax / 127.0).reshape(shape)
-            q = torch.clamp(torch.round(wf / scale), -127, 127) * scale
+            amax = w.abs().reshape(w.shape[0], -1).max(1).values.reshape(shape)
+            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            q = torch.clamp(torch.round(w / scale), -127, 127) * scale
         elif precision == "fp16":
-            q = wf.half().float()
+            q = w.half().double()
         else:
-            q = wf
-        d = (q - wf) / s.reshape(shape).clamp_min(1e-12)
-        total += float((d.double() ** 2).sum())
+            q = w
+        total += float(((q - w) ** 2).sum())
     return total
 
 
