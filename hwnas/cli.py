@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hwnas.detection import cli as detect_cli  # torchvision: imported when building the CLI
 
     detect_cli.add_parsers(sub)
+    from hwnas.quant import cli as quant_cli  # `hwnas quantize` (issue 11): its own module
+
+    quant_cli.add_parsers(sub)
     return ap
 
 
@@ -749,6 +752,15 @@ def cmd_detect(args) -> None:
 
 
 COMMANDS["detect"] = cmd_detect
+
+
+def cmd_quantize(args) -> None:
+    from hwnas.quant import cli as quant_cli
+
+    quant_cli.cmd_quantize(args)
+
+
+COMMANDS["quantize"] = cmd_quantize
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 Device options: ``graph_optimization`` (disable/basic/extended/all), ``providers`` (a list),
 ``profile_nodes`` (bool: keep onnxruntime's per-node trace for `Runner.node_profile`).
 A device with ``precision = "int8"`` is quantised at compile time (static QDQ; its options are
-described in `hwnas.backends.ort_quant`).
+described in `hwnas.backends.ort_quant`); a model that is already a QDQ model (a mixed-precision
+assignment realised by `hwnas quantize`) runs as it is, never quantised twice.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class OrtBackend(Backend):
         return bool(set(GPU_PROVIDERS) & set(device.options.get("providers", [])))
 
     def _compile(self, onnx_path: str | Path, device: Device, module) -> "OrtRunner":
-        if device.precision == "int8":
+        if device.precision == "int8" and not _already_quantized(onnx_path):
             # static QDQ quantisation at compile time (hwnas/backends/ort_quant.py); onnxruntime
             # reads the file when the session is made, so the temporary copy can go right after
             from hwnas.backends.ort_quant import quantize_file
@@ -76,6 +77,17 @@ class OrtBackend(Backend):
                     raise
                 return OrtRunner(qpath, device)
         return OrtRunner(onnx_path, device)
+
+
+def _already_quantized(onnx_path: str | Path) -> bool:
+    import onnx
+
+    from hwnas.backends.ort_quant import is_quantized
+
+    try:
+        return is_quantized(onnx.load(str(onnx_path), load_external_data=False))
+    except Exception:  # not readable as ONNX: let onnxruntime's own error name the problem
+        return False
 
 
 def session_options(device: Device):

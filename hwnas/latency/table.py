@@ -183,7 +183,7 @@ class LatencyTable:
             try:
                 if len(rec) != len(COLUMNS):
                     raise ValueError(f"{len(rec)} fields, expected {len(COLUMNS)}")
-                key = str(OpKey.parse(rec[0]))
+                key = cls.parse_key(rec[0])
                 vals = [float(x) for x in rec[1:]]
                 if not all(math.isfinite(v) and v >= 0 for v in vals):
                     raise ValueError("values must be finite and non-negative")
@@ -200,6 +200,12 @@ class LatencyTable:
             raise UserError(f"latency table {path} has {len(rows)} rows but its sidecar recorded "
                             f"{meta['rows']}: rows were added or deleted by hand; {fix}")
         return cls(path, meta, rows)
+
+    @classmethod
+    def parse_key(cls, text: str) -> str:
+        """A row's key in canonical form; `ValueError` if malformed (a table of other row
+        names, such as `hwnas.quant.latency.MixedTable`, overrides it)."""
+        return str(OpKey.parse(text))
 
     def check_fingerprint(self, device: Device, strict: bool = False) -> list[str]:
         """Compare the stored fingerprint with this machine: warn, or refuse when `strict`."""

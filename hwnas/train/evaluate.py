@@ -95,10 +95,12 @@ class SupernetScorer:
 
 def train_standalone(space: SearchSpace, arch: Arch, splits: Splits, steps: int,
                      batch_size: int = 64, lr: float = 0.1, seed: int = 0,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, keep_model: bool = False) -> dict:
     """Train `arch` of `space` from scratch for `steps` SGD steps; its test (and val) accuracy.
 
     Same optimiser, schedule and batches as the supernet (`TrainConfig`), affine BatchNorm.
+    With `keep_model`, the trained eval-mode network is returned too (``"model"``), for a
+    caller that saves it (`hwnas.quant.target.save_classifier`).
     """
     cfg = TrainConfig(space=space.name, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     arch = proxy_arch(arch, space)
@@ -119,5 +121,8 @@ def train_standalone(space: SearchSpace, arch: Arch, splits: Splits, steps: int,
         loss.backward()
         opt.step()
     model.eval()
-    return {"arch": str(arch), "steps": steps, "seed": seed,
-            "test_acc": accuracy(model, splits.test), "val_acc": accuracy(model, splits.val)}
+    out = {"arch": str(arch), "steps": steps, "seed": seed,
+           "test_acc": accuracy(model, splits.test), "val_acc": accuracy(model, splits.val)}
+    if keep_model:
+        out["model"] = model
+    return out

@@ -1,0 +1,204 @@
+"""Choosing a precision per unit under a latency budget: an ILP, and the greedy and random
+baselines it is compared with at equal budget.
+
+The ILP (HAWQ-V3's, with the conversions priced): one-hot binaries x[u, c] (unit u at choice c)
+and, per edge k = (a → b), pair variables y[k, c, d] ∈ [0, 1] with Σ_d y[k, c, d] = x[a, c] and
+Σ_c y[k, c, d] = x[b, d]; for binary x these force y[k, c, d] = x[a, c]·x[b, d] exactly (the
+standard linearisation of products of one-hot variables), so the edge costs the table measured
+(`hwnas.quant.latency`) enter linearly:
+
+    minimise   Σ Ω[u, c]·x[u, c]                     (sensitivity-weighted perturbation)
+    subject to const + Σ T[u, c]·x[u, c] + Σ C[k, c, d]·y[k, c, d] ≤ budget_ms
+               Σ bytes[u, c]·x[u, c] ≤ size          (optional)
+
+solved by `scipy.optimize.milp` (HiGHS). A tiny multiple of the latency is added to the
+objective so that, among assignments of equal perturbation, the faster one is chosen (all fp32
+when int8 gains nothing). `fastest` is the same program with latency as the objective: the
+lower end of the feasible budgets.
+
+Greedy: from all fp32, repeatedly take the single-unit change with the most latency saved per
+perturbation added, until the prediction keeps the budget (stuck when no single change saves
+time, as a lone int8 block between fp32 neighbours often cannot: its conversions cost more
+than it saves). Random: the lowest-perturbation assignment among `n` seeded stratified random
+draws that keep the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hwnas.quant.units import PrecisionSpace
+from hwnas.spaces.base import Arch
+
+
+@dataclass
+class Problem:
+    """What the methods see: the linear latency terms of a `MixedPredictor`, the perturbation
+    Ω[u, c] (0 at fp32) and the weight bytes of every unit at every choice."""
+
+    ps: PrecisionSpace
+    const_ms: float
+    unit_ms: np.ndarray  # [U, P]; NaN past a unit's choices
+    edge_ms: np.ndarray  # [E, P, P]
+    omega: np.ndarray  # [U, P]
+    size_bytes: np.ndarray  # [U, P]
+
+    @classmethod
+    def build(cls, pred, omega: np.ndarray, weight_counts: np.ndarray) -> "Problem":
+        from hwnas.quant.units import BYTES
+
+        ps = pred.ps
+        const, unit, edge = pred.terms()
+        size = np.array([[weight_counts[i] * BYTES[u.precisions[c]] if c < len(u.precisions)
+                          else np.nan for c in range(unit.shape[1])]
+                         for i, u in enumerate(ps.units)], dtype=float)
+        return cls(ps, const, unit, edge, np.asarray(omega, float), size)
+
+    # ---- evaluation of given assignments -------------------------------------------------------
+    def latency_ms(self, choices: np.ndarray) -> np.ndarray:
+        ch = np.atleast_2d(np.asarray(choices, np.int64))
+        U = np.arange(ch.shape[1])
+        src = np.array([e.src for e in self.ps.edges], np.int64)
+        dst = np.array([e.dst for e in self.ps.edges], np.int64)
+        E = np.arange(len(self.ps.edges))
+        return (self.const_ms + self.unit_ms[U, ch].sum(1)
+                + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1))
+
+    def perturbation(self, choices: np.ndarray) -> np.ndarray:
+        ch = np.atleast_2d(np.asarray(choices, np.int64))
+        return self.omega[np.arange(ch.shape[1]), ch].sum(1)
+
+    def size_mb(self, choices: np.ndarray) -> np.ndarray:
+        ch = np.atleast_2d(np.asarray(choices, np.int64))
+        return self.size_bytes[np.arange(ch.shape[1]), ch].sum(1) / 1e6
+
+    def arch(self, choices) -> Arch:
+        return Arch(self.ps.name, tuple(int(c) for c in choices))
+
+
+def _layout(prob: Problem):
+    """Variable indices: x[u][c], then y[k][c][d]."""
+    idx = 0
+    x = []
+    for u in prob.ps.units:
+        x.append(list(range(idx, idx + len(u.precisions))))
+        idx += len(u.precisions)
+    y = []
+    for e in prob.ps.edges:
+        na, nb = len(prob.ps.units[e.src].precisions), len(prob.ps.units[e.dst].precisions)
+        y.append([[idx + c * nb + d for d in range(nb)] for c in range(na)])
+        idx += na * nb
+    return x, y, idx
+
+
+def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None = None,
+          objective: str = "perturbation", time_limit_s: float = 60.0) -> Arch | None:
+    """The ILP's assignment, or None when no assignment keeps the constraints."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    x, y, n = _layout(prob)
+    lat = np.zeros(n)
+    pert = np.zeros(n)
+    size = np.zeros(n)
+    for u, xs in enumerate(x):
+        for c, j in enumerate(xs):
+            lat[j], pert[j], size[j] = prob.unit_ms[u, c], prob.omega[u, c], prob.size_bytes[u, c]
+    for k, ys in enumerate(y):
+        for c, row in enumerate(ys):
+            for d, j in enumerate(row):
+                lat[j] = prob.edge_ms[k, c, d]
+    rows, lo, hi = [], [], []
+
+    def add(coef: dict[int, float], lb: float, ub: float) -> None:
+        r = np.zeros(n)
+        for j, v in coef.items():
+            r[j] += v
+        rows.append(r)
+        lo.append(lb)
+        hi.append(ub)
+
+    for xs in x:  # one precision per unit
+        add({j: 1.0 for j in xs}, 1.0, 1.0)
+    for e, ys in zip(prob.ps.edges, y):  # y is the product of its units' one-hots
+        for c, row in enumerate(ys):
+            add({**{j: 1.0 for j in row}, x[e.src][c]: -1.0}, 0.0, 0.0)
+        for d in range(len(ys[0])):
+            add({**{ys[c][d]: 1.0 for c in range(len(ys))}, x[e.dst][d]: -1.0}, 0.0, 0.0)
+    if budget_ms is not None:
+        add(dict(enumerate(lat)), -np.inf, budget_ms - prob.const_ms)
+    if size_mb is not None:
+        add(dict(enumerate(size)), -np.inf, size_mb * 1e6)
+    if objective == "latency":
+        c = lat
+    else:  # perturbation, ties broken towards the faster assignment
+        scale = max(float(np.abs(pert).max()), 1e-12)
+        c = pert / scale + 1e-6 * lat / max(float(np.abs(lat).sum()), 1e-12)
+    integrality = np.zeros(n)
+    for xs in x:
+        integrality[xs] = 1
+    res = milp(c, integrality=integrality, bounds=Bounds(0, 1),
+               constraints=LinearConstraint(np.array(rows), lo, hi),
+               options={"time_limit": time_limit_s})
+    if res.x is None or res.status not in (0, 1):
+        return None
+    return prob.arch([int(np.argmax([res.x[j] for j in xs])) for xs in x])
+
+
+def fastest(prob: Problem, size_mb: float | None = None) -> Arch | None:
+    return solve(prob, None, size_mb, objective="latency")
+
+
+def greedy(prob: Problem, budget_ms: float, size_mb: float | None = None) -> Arch | None:
+    """See the module docstring; None when it gets stuck above the budget (or size)."""
+    U = len(prob.ps.units)
+    cur = np.zeros(U, np.int64)
+    for _ in range(sum(len(u.precisions) for u in prob.ps.units) + 1):
+        lat, size = float(prob.latency_ms(cur)[0]), float(prob.size_mb(cur)[0])
+        if lat <= budget_ms and (size_mb is None or size <= size_mb):
+            return prob.arch(cur)
+        moves = [(u, c) for u in range(U) for c in range(len(prob.ps.units[u].precisions))
+                 if c != cur[u]]
+        cands = np.repeat(cur[None], len(moves), 0)
+        for i, (u, c) in enumerate(moves):
+            cands[i, u] = c
+        gain = lat - prob.latency_ms(cands)  # ms saved
+        if size_mb is not None and size > size_mb:
+            gain = gain / max(lat, 1e-9) + (size - prob.size_mb(cands)) / max(size, 1e-9)
+        cost = np.maximum(prob.perturbation(cands) - prob.perturbation(cur)[0], 1e-12)
+        score = np.where(gain > 1e-9, gain / cost, -np.inf)
+        if not np.isfinite(score).any():
+            return None
+        u, c = moves[int(np.argmax(score))]
+        cur[u] = c
+    return None
+
+
+def random_search(prob: Problem, budget_ms: float, size_mb: float | None = None,
+                  n: int = 2000, seed: int = 0) -> Arch | None:
+    """The lowest-perturbation assignment among `n` stratified random draws (and all fp32)
+    that keep the budget; None if none does."""
+    draws = prob.ps.sample_stratified(n, np.random.default_rng(seed))
+    ch = np.array([prob.ps.canary().choices] + [a.choices for a in draws], np.int64)
+    ok = prob.latency_ms(ch) <= budget_ms
+    if size_mb is not None:
+        ok &= prob.size_mb(ch) <= size_mb
+    if not ok.any():
+        return None
+    pert = np.where(ok, prob.perturbation(ch), np.inf)
+    return prob.arch(ch[int(np.argmin(pert))])
+
+
+METHODS = ("ilp", "greedy", "random")
+
+
+def choose(prob: Problem, method: str, budget_ms: float, size_mb: float | None = None,
+           seed: int = 0) -> Arch | None:
+    if method == "ilp":
+        return solve(prob, budget_ms, size_mb)
+    if method == "greedy":
+        return greedy(prob, budget_ms, size_mb)
+    if method == "random":
+        return random_search(prob, budget_ms, size_mb, seed=seed)
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,115 @@
+"""`hwnas quantize`: parsing → one library call (`hwnas.quant.run`) → lines or one JSON object.
+
+    hwnas quantize --device D --space S --arch A --ckpt C --budget-ms B [--size-mb S] -o q.onnx
+    hwnas quantize --profile --device D --space S --arch A     this host's mixed table
+    hwnas quantize --validate N --device D --space S --arch A  predicted vs measured, N assignments
+
+Wired into `hwnas.cli` by `add_parsers(sub)` and ``COMMANDS.update(hwnas.quant.cli.COMMANDS)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hwnas.argtypes import dumps_strict, int_range, nonneg_int, positive_float, positive_int
+
+
+def add_parsers(sub) -> None:
+    from hwnas.cli import SPAN
+
+    p = sub.add_parser("quantize", help="per-layer mixed precision under a latency budget: "
+                       "table, sensitivity, ILP, a real QDQ model")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--profile", action="store_true",
+                      help="build or resume this host's mixed-precision table of the arch")
+    mode.add_argument("--validate", type=positive_int, default=None, metavar="N",
+                      help="predicted vs measured latency of N random assignments")
+    p.add_argument("--device", required=True, help="a device with int8 (e.g. cpu-ort-int8)")
+    p.add_argument("--space", required=True, help="det20, det20-fcos-w0.5, …")
+    p.add_argument("--arch", required=True, help="the fixed candidate, e.g. det20:0123…")
+    p.add_argument("--input", default=None, help="input shape NxCxHxW (default: the space's)")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="trained classifier (tools/train_classifier.py) or detector checkpoint")
+    p.add_argument("--budget-ms", type=positive_float, default=None)
+    p.add_argument("--size-mb", type=positive_float, default=None,
+                   help="also keep the priced model's weights under this many MB")
+    p.add_argument("-o", "--output", type=Path, default=None, help="the QDQ model (.onnx); a "
+                   ".json sidecar is written beside it")
+    p.add_argument("--method", choices=["ilp", "greedy", "random"], default="ilp")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated subset of the device's precisions (default: all; "
+                   "fp32 is always allowed)")
+    p.add_argument("--assignment", default=None,
+                   help="realise this assignment (one letter per unit: f fp32, h fp16, i int8) "
+                   "instead of choosing one")
+    p.add_argument("--compare", action="store_true",
+                   help="also realise greedy, random, uniform fp32 and int8, time and score "
+                   "them all, and plot the latency-accuracy plane (<output>.pareto.png)")
+    p.add_argument("--data", default=None, help="default: the checkpoint's training data")
+    p.add_argument("--calibration-images", type=int_range(1, 4096), default=64,
+                   help="real training images the quantiser calibrates on (default 64)")
+    p.add_argument("--hutchinson-samples", type=int_range(2, 10000), default=48)
+    p.add_argument("--fresh-sensitivity", action="store_true",
+                   help="recompute the sensitivity even if it is cached")
+    p.add_argument("--no-measure", action="store_true", help="do not time the realised model")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--calibration-n", type=nonneg_int, default=24,
+                   help="--profile: whole assignments measured for the calibration")
+    p.add_argument("--out", type=Path, default=None, help="--validate: prefix of CSV and PNG")
+    p.add_argument("--publish", action="store_true",
+                   help="--validate: write the CSV and PNG beside the table")
+    p.add_argument("--require-quiet", action="store_true",
+                   help="refuse a measurement taken on a busy host (exit 2)")
+    p.add_argument("--tables", type=Path, default=None)
+    p.add_argument("--host", default=None, metavar="ID", help="price with another host's table")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--span-s", type=SPAN, default=None, help="protocol span (see profile)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _emit(args, obj: dict, lines: list[str]) -> None:
+    print(dumps_strict(obj) if args.json else "\n".join(lines))
+
+
+def cmd_quantize(args) -> None:
+    from hwnas.cli import _protocol
+    from hwnas.quant.run import QuantizeConfig, lines, run_profile, run_quantize, run_validate
+    from hwnas.spaces.base import parse_shape
+
+    cfg = QuantizeConfig(
+        device=args.device, space=args.space, arch=args.arch, ckpt=args.ckpt,
+        budget_ms=args.budget_ms, output=args.output, size_mb=args.size_mb,
+        input_shape=parse_shape(args.input) if args.input else None, tables=args.tables,
+        host=args.host, strict=args.strict, method=args.method, data=args.data,
+        precisions=tuple(p.strip() for p in args.precisions.split(",")) if args.precisions
+        else None, assignment=args.assignment,
+        calibration_images=args.calibration_images,
+        hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
+        compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
+        seed=args.seed, protocol=_protocol(args), progress=not args.quiet)
+    if args.profile:
+        res = run_profile(cfg, args.calibration_n, args.require_quiet)
+        cal = res["calibration"]
+        _emit(args, res, [f"{res['table']}: {res['rows']} rows ({res['measured_rows']} measured "
+                          f"now, {res['reused_rows']} reused)",
+                          f"  calibration: intercept {cal['intercept_ms']:.3f} ms, slope "
+                          f"{cal['slope']:.3f}, edge offsets "
+                          + ", ".join(f"{k} {1000 * v:+.0f} us" for k, v in
+                                      (cal["edge_offsets_ms"] or {}).items())
+                          + f"; max fit error {cal['fit_max_abs_err_pct']:.2f}%, leave-one-out "
+                          f"{100 * cal['loo_within_5pct']:.0f}% within 5%"])
+        return
+    if args.validate is not None:
+        rep = run_validate(cfg, args.validate, args.out, args.publish,
+                           require_quiet=args.require_quiet)
+        _emit(args, rep.to_dict(), rep.lines())
+        return
+    res = run_quantize(cfg)
+    _emit(args, res, lines(res))
+
+
+COMMANDS = {"quantize": cmd_quantize}
+
+__all__ = ["COMMANDS", "add_parsers", "cmd_quantize"]

@@ -1,0 +1,564 @@
+"""The mixed-precision latency table of one candidate: units and their conversions, measured.
+
+**Why pairs, not Q/DQ rows alone.** The first model tried here priced each unit at each
+precision and each boundary as a separately timed QuantizeLinear or DequantizeLinear of that
+shape. Measured on det20 @ 320 (AMD EPYC), it breaks at the stem: with the stem in fp32 and the
+first block in int8, onnxruntime's QDQ propagation moves the QuantizeLinear above the stem's
+MaxPool, which then runs on uint8 in NCHW with a generic kernel (3.4 ms instead of ~0.1 ms): the
+model ran 5.8 ms against 3.9 ms all-int8 and 3.3 ms all-fp32. A boundary's cost depends on the
+ops on both sides of it and on what the runtime's rewrites make of them. So the table measures
+each edge where it happens:
+
+- ``unit@p``: each unit alone at each precision (`Unit.at(p)`, its `OpKey` with that precision;
+  an int8 unit alone includes its own input Q and output DQ);
+- ``unit_a@p>unit_b@q``: each *pair* of units joined by an edge (`units.pair_module`), at each
+  precision pair; the edge's cost is ``pair − a@p − b@q``: for an int8→int8 edge that removes
+  the Q/DQ the two units paid alone, for a mixed edge it is the conversion in context (Q/DQ,
+  layout reorders, propagated Q/DQ), for fp32→fp32 what the units share (one run's overhead).
+
+A candidate's price is ``intercept + slope · (Σ units + Σ edges) + Σ_{p>q} offset[p>q] ·
+(edges at p>q)``: linear in one-hot precision variables and in the pairwise products that the
+ILP linearises (`hwnas.quant.assign`); `MixedPredictor` says why the offsets. The calibration is fitted by least squares on whole random assignments
+measured in the same interleaved run as the rows (as `hwnas profile` does, for the same reason:
+on a drifting host separate phases disagree); the all-fp32 assignment is the canary.
+
+On disk: ``<tables>/<device>/<host>/<space>_<NxCxHxW>.mixed-<arch tokens>.csv`` (one candidate
+per table: the units and edges are that candidate's) with a JSON sidecar, written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hwnas.backends import Runner, compile_model, compiled
+from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
+from hwnas.errors import UserError
+from hwnas.fileio import atomic_write_text, clean_orphans
+from hwnas.hosts import record_host
+from hwnas.latency.profile import contention_check
+from hwnas.latency.table import LatencyTable, host_dir, new_table, now_iso, shape_text
+from hwnas.locks import output_lock
+from hwnas.measure import Contention, LatencyStats, Protocol, measure_interleaved
+from hwnas.quant.realise import assignment_device, mixed_device
+from hwnas.quant.units import Edge, PrecisionSpace, pair_module
+from hwnas.spaces.base import TOKENS, Arch, OpKey
+
+ASSIGN = "assign:"
+
+
+# ---- row names ---------------------------------------------------------------------------------
+def single_label(ps: PrecisionSpace, u: int, p: str) -> str:
+    return str(ps.units[u].at(p))
+
+
+def pair_label(ps: PrecisionSpace, e: Edge, p: str, q: str) -> str:
+    links = "" if e.links == ((0, 0),) else "@" + ",".join(f"{o}-{i}" for o, i in e.links)
+    return f"{ps.units[e.src].at(p)}>{ps.units[e.dst].at(q)}{links}"
+
+
+def assign_label(ps: PrecisionSpace, a: Arch) -> str:
+    return ASSIGN + ps.text(a)
+
+
+def all_items(ps: PrecisionSpace) -> list[str]:
+    """Every row the table of `ps`'s candidate needs, in walk order, without duplicates."""
+    out: dict[str, None] = {}
+    for i, u in enumerate(ps.units):
+        for p in u.precisions:
+            out.setdefault(single_label(ps, i, p))
+    for e in ps.edges:
+        for p in ps.units[e.src].precisions:
+            for q in ps.units[e.dst].precisions:
+                out.setdefault(pair_label(ps, e, p, q))
+    return list(out)
+
+
+class MixedTable(LatencyTable):
+    """A `LatencyTable` whose rows are units (an `OpKey`) and pairs (``key>key[@links]``)."""
+
+    @classmethod
+    def parse_key(cls, text: str) -> str:
+        body, _, links = text.partition("@")
+        parts = body.split(">")
+        if len(parts) > 2 or (links and len(parts) != 2):
+            raise ValueError(f"row {text!r} is neither a unit key nor key>key[@links]")
+        keys = [str(OpKey.parse(p)) for p in parts]
+        if links and not all(x.isdigit() for lk in links.split(",") for x in lk.split("-")):
+            raise ValueError(f"row {text!r}: links must read like 0-0,1-1")
+        return ">".join(keys) + (f"@{links}" if links else "")
+
+
+def mixed_table_path(root: Path, device: Device | str, ps: PrecisionSpace,
+                     host: str | None = None) -> Path:
+    digits = "".join(TOKENS[c] for c in ps.arch.choices)
+    return (host_dir(root, device, host)
+            / f"{ps.base.name}_{shape_text(ps.input_shape)}.mixed-{digits}.csv")
+
+
+def profile_command(device: str, ps: PrecisionSpace) -> str:
+    return (f"hwnas quantize --profile --device {device} --space {ps.base.name} --arch "
+            f"{ps.arch} --input {shape_text(ps.input_shape)}")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+@dataclass
+class Measured:
+    stats: dict[str, LatencyStats]
+    resumed_rounds: int
+    contention: Contention
+
+
+class SameFeed(Runner):
+    """A runner timed on a given feed: `measure_interleaved` gives every runner its own random
+    input, and a detector's latency depends on its input (NonMaxSuppression's work follows the
+    boxes), so models compared with each other must see the same one."""
+
+    def __init__(self, runner: Runner, feed: dict):
+        self.runner, self.feed, self.inputs = runner, feed, runner.inputs
+
+    def random_feed(self, rng=None):
+        return self.feed
+
+    def _run(self, feed):
+        return self.runner._run(feed)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def same_feeds(runners: Sequence[Runner], seed: int = 0) -> list[Runner]:
+    """Every runner wrapped to run on one seeded standard-normal feed per input signature."""
+    feeds: dict = {}
+    out = []
+    for r in runners:
+        sig = tuple((s.name, s.shape, str(s.dtype)) for s in r.inputs)
+        if sig not in feeds:
+            feeds[sig] = r.random_feed(np.random.default_rng(seed))
+        out.append(SameFeed(r, feeds[sig]))
+    return out
+
+
+def measure_runners(labels: Sequence[str], open_runner: Callable[[str], Runner],
+                    protocol: Protocol, journal: Path | None = None, desc: str = "measuring",
+                    progress: bool = True) -> Measured:
+    """Compile every label's runner (`open_runner`), then time them all interleaved with the
+    protocol (runners with the same inputs on the same input, `same_feeds`), saving the rounds
+    to `journal` after every round (a rerun resumes them)."""
+    prior = None
+    if journal is not None and journal.is_file():
+        try:
+            saved = json.loads(journal.read_text())
+            if saved.get("labels") == list(labels) and saved.get("protocol") == protocol.to_dict():
+                prior = saved["rounds"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            prior = None
+    with contextlib.ExitStack() as stack:
+        runners = []
+        for label in tqdm(labels, desc=f"{desc}: compiling", unit="model", file=sys.stderr,
+                          disable=not progress, leave=False, dynamic_ncols=True):
+            runners.append(stack.enter_context(open_runner(label)))
+        bar = tqdm(total=None, desc=desc, unit="round", file=sys.stderr, disable=not progress,
+                   leave=False, mininterval=0.5, dynamic_ncols=True)
+
+        def on_round(done: int, total: int, rounds) -> None:
+            if bar.total != total:
+                bar.total = total
+                bar.n = done - 1
+            bar.update(1)
+            if journal is not None:
+                atomic_write_text(journal, json.dumps({"labels": list(labels),
+                                                       "protocol": protocol.to_dict(),
+                                                       "rounds": rounds}))
+
+        m = measure_interleaved(same_feeds(runners), protocol, prior_rounds=prior,
+                                on_round=on_round)
+        bar.close()
+    return Measured(dict(zip(labels, m.stats)), len(prior[0]) if prior else 0, m.contention)
+
+
+@dataclass(frozen=True)
+class WholeModels:
+    """How whole assignments are built for timing: from `onnx` (the trained checkpoint's
+    export, when it is the priced model) or fresh seeded weights, and run on `feed` (a real
+    training image) or a seeded random input. A detector needs the first of each: its
+    post-processing's work (NonMaxSuppression) follows the boxes, and the trained
+    det20-fcos-w0.5 on real images ran 10% slower than fresh weights on noise here."""
+
+    onnx: Path | None = None
+    feed: dict | None = None
+    what: str = "fresh seeded weights on a seeded random input"
+
+
+class Builder:
+    """Opens the runner of any row or whole assignment of `ps`'s candidate on `device`
+    (whole assignments share one fp32 export of the candidate, quantised per assignment).
+    Fresh modules are built with seeded weights, so a rerun times the same models."""
+
+    def __init__(self, ps: PrecisionSpace, device: Device, tmp: Path,
+                 whole: WholeModels = WholeModels()):
+        self.ps, self.device, self.tmp, self.whole = ps, device, Path(tmp), whole
+        self._whole: Path | None = whole.onnx
+        units = {single_label(ps, i, p): (i, p) for i, u in enumerate(ps.units)
+                 for p in u.precisions}
+        pairs = {pair_label(ps, e, p, q): (e, p, q) for e in ps.edges
+                 for p in ps.units[e.src].precisions for q in ps.units[e.dst].precisions}
+        self.units, self.pairs = units, pairs
+
+    def whole_onnx(self) -> Path:
+        from hwnas.export import export_onnx
+
+        if self._whole is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                module = self.ps.base.build(self.ps.arch)
+            self._whole = export_onnx(module, self.ps.input_shape, self.tmp / "candidate.onnx")
+        return self._whole
+
+    def __call__(self, label: str):
+        ps = self.ps
+        if label.startswith(ASSIGN):
+            a = ps.parse(label[len(ASSIGN):])
+            r = compile_model(self.whole_onnx(), assignment_device(self.device, ps, a))
+            return SameFeed(r, self.whole.feed) if self.whole.feed is not None else r
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            if label in self.units:
+                i, p = self.units[label]
+                u = ps.units[i]
+                module, shapes, parts = ps.base.build_op(u.key), u.key.in_shapes, [("/", p)]
+            else:
+                e, p, q = self.pairs[label]
+                (module, shapes), parts = pair_module(ps, e), [("/a/", p), ("/b/", q)]
+        return compiled(module, shapes, mixed_device(self.device, parts))
+
+
+# ---- the table's model -------------------------------------------------------------------------
+CALIBRATION_WHAT = ("latency_ms = intercept_ms + slope * (sum of the units' rows + sum over edges "
+                    "of (pair row - its two unit rows)) + sum over precision pairs (p>q, not "
+                    "fp32>fp32) of offset_ms[p>q] * (edges at p>q); least squares on whole "
+                    "assignments measured in the same interleaved run as the rows")
+
+
+def _pair_names(precisions: Sequence[str]) -> list[str]:
+    """The precision pairs of an edge that get an offset of their own (fp32>fp32 is the base)."""
+    return [f"{p}>{q}" for p in precisions for q in precisions if (p, q) != ("fp32", "fp32")]
+
+
+class MixedPredictor:
+    """Prices assignments of `ps` from `table`: `predict(a)`, vectorised `predict_many`, and
+    the linear terms (`terms`) the ILP needs.
+
+    Why a per-boundary offset in the calibration: on det20 @ 320 the rows alone (units, plus
+    each edge as its pair measured it) under-priced whole models by 10-16% when mostly fp32 and
+    by 25-37% when mostly int8; a common slope could not fit both (fit errors to 9%). The
+    surplus grew with the number of int8→int8 boundaries (~50 µs each inside a model, as a
+    regression over the calibration assignments found; leave-one-out error 2.8% against 4.2%
+    without), so each precision pair of an edge gets a fitted offset. It stays linear in the
+    ILP's pair variables.
+    """
+
+    def __init__(self, table: MixedTable, ps: PrecisionSpace, calibrated: bool = True,
+                 scale: float = 1.0):
+        self.table, self.ps, self.scale, self.calibrated = table, ps, scale, calibrated
+        P = max(len(u.precisions) for u in ps.units)
+        self.unit_ms = np.full((len(ps.units), P), np.nan)  # [U, P] row of unit u at choice c
+        self.edge_ms = np.full((len(ps.edges), P, P), np.nan)  # [E, P, P] pair − its units
+        for i, u in enumerate(ps.units):
+            for c, p in enumerate(u.precisions):
+                self.unit_ms[i, c] = self._row(single_label(ps, i, p))
+        for k, e in enumerate(ps.edges):
+            for c, p in enumerate(ps.units[e.src].precisions):
+                for d, q in enumerate(ps.units[e.dst].precisions):
+                    self.edge_ms[k, c, d] = (self._row(pair_label(ps, e, p, q))
+                                             - self.unit_ms[e.src, c] - self.unit_ms[e.dst, d])
+        self.pairs = _pair_names(ps.precisions)
+        # [E, P, P]: which offset (index into self.pairs, -1 for none) edge k takes at (c, d)
+        self._pair_ids = np.full((len(ps.edges), P, P), -1)
+        for k, e in enumerate(ps.edges):
+            for c, p in enumerate(ps.units[e.src].precisions):
+                for d, q in enumerate(ps.units[e.dst].precisions):
+                    if f"{p}>{q}" in self.pairs:
+                        self._pair_ids[k, c, d] = self.pairs.index(f"{p}>{q}")
+        cal = table.meta.get("calibration") if calibrated else None
+        self.intercept_ms = float(cal["intercept_ms"]) if cal else 0.0
+        self.slope = float(cal["slope"]) if cal else 1.0
+        offsets = cal.get("edge_offsets_ms", {}) if cal else {}
+        self.offsets = np.array([float(offsets.get(n, 0.0)) for n in self.pairs])
+
+    def _row(self, label: str) -> float:
+        v = self.table.latency_ms(label)
+        if v is None:
+            raise UserError(f"mixed table {self.table.path} has no row {label}; measure it with "
+                            f"`{profile_command(self.table.device, self.ps)}`")
+        return v
+
+    def scaled(self, scale: float) -> "MixedPredictor":
+        return MixedPredictor(self.table, self.ps, self.calibrated, scale)
+
+    def _choices(self, assigns) -> np.ndarray:
+        if len(assigns) and isinstance(assigns[0], Arch):
+            return np.asarray([a.choices for a in assigns], dtype=np.int64)
+        return np.asarray(assigns, dtype=np.int64).reshape(-1, len(self.ps.units))
+
+    def features(self, assigns) -> np.ndarray:
+        """[N, 1 + pairs]: the rows' sum (units and edges), then the edge count per precision
+        pair in `self.pairs`."""
+        ch = self._choices(assigns)
+        U = np.arange(len(self.ps.units))
+        total = self.unit_ms[U, ch].sum(1)
+        cols = []
+        if len(self.ps.edges):
+            src = np.array([e.src for e in self.ps.edges], dtype=np.int64)
+            dst = np.array([e.dst for e in self.ps.edges], dtype=np.int64)
+            E = np.arange(len(self.ps.edges))
+            total = total + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1)
+            ids = self._pair_ids[E, ch[:, src], ch[:, dst]]  # [N, E]
+            cols = [(ids == j).sum(1) for j in range(len(self.pairs))]
+        else:
+            cols = [np.zeros(len(ch)) for _ in self.pairs]
+        return np.column_stack([total] + cols).astype(float)
+
+    def predict_many(self, assigns) -> np.ndarray:
+        f = self.features(assigns)
+        w = np.r_[self.slope, self.offsets]
+        return (self.intercept_ms + f @ w) * self.scale
+
+    def predict(self, a: Arch) -> float:
+        return float(self.predict_many([a])[0])
+
+    def terms(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """(constant ms, [U, P] ms of unit u at choice c, [E, P, P] ms of edge k at choices
+        (c, d)), calibration and scale applied: latency = const + Σ unit terms + Σ edge terms."""
+        off = np.where(self._pair_ids >= 0, self.offsets[np.maximum(self._pair_ids, 0)], 0.0)
+        return (self.intercept_ms * self.scale, self.unit_ms * self.slope * self.scale,
+                (self.edge_ms * self.slope + off) * self.scale)
+
+
+def fit_calibration(pred: MixedPredictor, assigns: Sequence[Arch], measured_ms: Sequence[float]
+                    ) -> dict:
+    X = pred.features(assigns)
+    y = np.asarray(measured_ms, float)
+    if len(y) < X.shape[1] + 2:
+        raise ValueError(f"calibration needs at least {X.shape[1] + 2} assignments")
+    A = np.c_[np.ones(len(y)), X]
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    fitted = A @ coef
+    loo = []  # leave-one-out: how the fit does on an assignment it did not see
+    for j in range(len(y)):
+        keep = np.arange(len(y)) != j
+        c, *_ = np.linalg.lstsq(A[keep], y[keep], rcond=None)
+        loo.append(float(A[j] @ c / y[j] - 1) * 100)
+    return {"intercept_ms": float(coef[0]), "slope": float(coef[1]),
+            "edge_offsets_ms": dict(zip(pred.pairs, map(float, coef[2:]))),
+            "assignments": [pred.ps.text(a) for a in assigns],
+            "measured_ms": [float(v) for v in y], "fitted_ms": [float(v) for v in fitted],
+            "fit_max_abs_err_pct": float(np.max(np.abs(fitted / y - 1)) * 100),
+            "loo_within_5pct": float(np.mean(np.abs(loo) <= 5)),
+            "loo_mean_abs_err_pct": float(np.mean(np.abs(loo))),
+            "what": CALIBRATION_WHAT}
+
+
+# ---- profiling -----------------------------------------------------------------------------------
+@dataclass
+class MixedProfileReport:
+    table: MixedTable
+    measured_rows: int
+    reused_rows: int
+    calibrated: bool
+    resumed_rounds: int = 0
+
+    def to_dict(self) -> dict:
+        cal = self.table.meta.get("calibration") or {}
+        return {"table": str(self.table.path), "host": self.table.host,
+                "rows": len(self.table.rows), "measured_rows": self.measured_rows,
+                "reused_rows": self.reused_rows, "calibrated_now": self.calibrated,
+                "resumed_rounds": self.resumed_rounds,
+                "calibration": {k: cal.get(k) for k in (
+                    "intercept_ms", "slope", "edge_offsets_ms", "fit_max_abs_err_pct",
+                    "loo_within_5pct", "loo_mean_abs_err_pct")},
+                "canary": self.table.meta.get("canary"),
+                "contention": self.table.meta.get("contention")}
+
+
+def open_mixed_table(root: Path, device: Device, ps: PrecisionSpace,
+                     protocol: Protocol) -> MixedTable:
+    path = mixed_table_path(root, device, ps)
+    if not path.exists():
+        t = new_table(path, device, ps.base.name, ps.input_shape, protocol.to_dict())
+        t.meta.update({"arch": str(ps.arch), "precisions": list(ps.precisions),
+                       "units": [u.name for u in ps.units],
+                       "what": "mixed-precision rows of one candidate (hwnas.quant.latency)"})
+        return MixedTable(t.path, t.meta, t.rows)
+    table = MixedTable.load(path)
+    want = {"device": device.name, "space": ps.base.name, "input_shape": list(ps.input_shape),
+            "arch": str(ps.arch)}
+    got = {k: table.meta.get(k) for k in want}
+    if got != want:
+        raise UserError(f"mixed table {path} is for {got}, not {want}; move it away or pass "
+                        "--tables DIR")
+    return table
+
+
+def calibration_assignments(ps: PrecisionSpace, n: int, seed: int) -> list[Arch]:
+    """The uniform assignments (fp32 first: the canary), then stratified random ones up to n."""
+    uniform = list(dict.fromkeys(ps.uniform(p) for p in ps.precisions))
+    rest = ps.sample_stratified(n - len(uniform), np.random.default_rng(seed),
+                                exclude={ps.text(a) for a in uniform})
+    return uniform + rest
+
+
+def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
+                  protocol: Protocol = Protocol(), calibration_n: int = 24, seed: int = 0,
+                  progress: bool = True, require_quiet: bool = False,
+                  whole: WholeModels = WholeModels()) -> MixedProfileReport:
+    """Measure every row `ps`'s candidate needs that this host's mixed table lacks, with
+    `calibration_n` whole assignments and the canary in the same interleaved run; fit the
+    calibration; save. Resumes an interrupted run from its journal; one run per table."""
+    need = len(_pair_names(ps.precisions)) + 4
+    if calibration_n < need:
+        raise UserError(f"--calibration-n must be at least {need} (an intercept, a slope and an "
+                        "offset per precision pair of an edge, and two more)")
+    path = mixed_table_path(root, device, ps)
+    with output_lock(path):
+        for p in (path, path.with_suffix(".json"), path.with_suffix(".partial.json"),
+                  Path(root) / "hosts.json"):
+            clean_orphans(p)
+        table = open_mixed_table(root, device, ps, protocol)
+        items = all_items(ps)
+        todo = [k for k in items if k not in table.rows]
+        if todo and table.rows:
+            diffs = fingerprint_diff(table.meta["fingerprint"], device.fingerprint())
+            if diffs:
+                raise UserError(f"mixed table {table.path} was measured with another setup "
+                                f"({'; '.join(diffs)}); pass --tables DIR for a separate table")
+        calibrate = bool(todo) or table.meta.get("calibration") is None
+        assigns = calibration_assignments(ps, calibration_n, seed) if calibrate else []
+        labels = todo + [assign_label(ps, a) for a in assigns]
+        journal = table.path.with_suffix(".partial.json")
+        resumed = 0
+        if labels:
+            with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
+                got = measure_runners(labels, Builder(ps, device, Path(tmp), whole), protocol,
+                                      journal,
+                                      desc=f"profiling {len(todo)} rows + {len(assigns)} "
+                                      "assignments", progress=progress)
+            contention_check(got.contention, table.path.name, require_quiet, journal)
+            resumed = got.resumed_rounds
+            table.rows.update({k: got.stats[k] for k in todo})
+            if todo:
+                table.meta["contention"] = {"profile": got.contention.to_dict()}
+                table.meta["fingerprint"] = device.fingerprint()
+                table.meta["fingerprint_hash"] = fingerprint_hash(table.meta["fingerprint"])
+            else:
+                table.meta.setdefault("contention", {})["calibration"] = got.contention.to_dict()
+            pred = MixedPredictor(table, ps, calibrated=False)
+            table.meta["calibration"] = fit_calibration(
+                pred, assigns, [got.stats[assign_label(ps, a)].best_ms for a in assigns])
+            table.meta["calibration_seed"] = seed
+            table.meta["whole_models"] = whole.what
+            canary = assign_label(ps, ps.canary())
+            table.meta["canary"] = {"arch": canary, "latency_ms": got.stats[canary].best_ms,
+                                    "measured": now_iso(),
+                                    "source": "measured interleaved with the rows",
+                                    "what": "the all-fp32 assignment, re-timed to measure drift"}
+            table.save()
+        journal.unlink(missing_ok=True)
+        record_host(root, table.meta["fingerprint"], device.name, table.meta["created"])
+        return MixedProfileReport(table, len(todo), len(items) - len(todo), bool(assigns),
+                                  resumed)
+
+
+def load_mixed(root: Path, device: Device, ps: PrecisionSpace, host: str | None = None,
+               strict: bool = False) -> MixedTable:
+    """This host's mixed table for `ps` (or `host`'s, with a warning); a `UserError` naming
+    the profile command when there is none."""
+    from hwnas.hosts import check_host_id, host_id
+
+    here = host_id(device.fingerprint())
+    if host is not None:
+        check_host_id(host)
+        if host != here:
+            print(f"warning: pricing with host {host}'s mixed table, not this host's ({here})",
+                  file=sys.stderr)
+    path = mixed_table_path(root, device, ps, host)
+    if not path.is_file():
+        raise UserError(f"no mixed-precision table for {ps.base.name} {ps.arch} @ "
+                        f"{shape_text(ps.input_shape)} on {device.name} on host {host or here}; "
+                        f"build it with `{profile_command(device.name, ps)}`")
+    table = MixedTable.load(path)
+    table.check_fingerprint(device, strict=strict)
+    return table
+
+
+# ---- validation ----------------------------------------------------------------------------------
+def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_prefix: Path,
+                   noise_file: Path | None = None, protocol: Protocol = Protocol(),
+                   group: int = 25, progress: bool = True, require_quiet: bool = False,
+                   whole: WholeModels = WholeModels()):
+    """Measure `n` held-out random assignments (stratified, seeded, none of the calibration's),
+    `group` at a time interleaved with the canary; write ``<out_prefix>.validation.{csv,png}``;
+    a `hwnas.latency.validate.ValidationReport`."""
+    from hwnas.latency.lookup import drift_from
+    from hwnas.latency.validate import ValidationReport, metrics, noise_floor_pct, scatter_plot
+
+    ps, table = pred.ps, pred.table
+    cal = table.meta.get("calibration") or {}
+    exclude = set(cal.get("assignments", [])) | {ps.text(ps.canary())}
+    assigns = ps.sample_stratified(n, np.random.default_rng(seed), exclude)
+    predicted = pred.predict_many(assigns)
+    measured, ratio = np.zeros(len(assigns)), np.ones(len(assigns))
+    canary = assign_label(ps, ps.canary())
+    parts, canary_now = [], []
+    bar = tqdm(total=len(assigns), desc="validating", unit="assignment", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
+        builder = Builder(ps, device, Path(tmp), whole)
+        for start in range(0, len(assigns), group):
+            chunk = [assign_label(ps, a) for a in assigns[start:start + group]]
+            got = measure_runners(chunk + [canary], builder, protocol, progress=False)
+            measured[start:start + len(chunk)] = [got.stats[lb].best_ms for lb in chunk]
+            now = got.stats[canary].best_ms
+            canary_now.append(now)
+            ratio[start:start + len(chunk)] = drift_from(table, now).ratio
+            parts.append(got.contention)
+            bar.update(len(chunk))
+    bar.close()
+    contention = Contention.combine(parts)
+    contention_check(contention, "this validation", require_quiet)
+    corrected = predicted * ratio
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["assignment", "predicted_ms", "measured_ms", "error_pct", "canary_corrected_ms",
+                "canary_corrected_error_pct"])
+    for a, p, m, c in zip(assigns, predicted, measured, corrected):
+        w.writerow([ps.text(a), f"{p:.4f}", f"{m:.4f}", f"{(p / m - 1) * 100:+.2f}",
+                    f"{c:.4f}", f"{(c / m - 1) * 100:+.2f}"])
+    csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
+    png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
+    atomic_write_text(csv_path, buf.getvalue())
+    drift = drift_from(table, float(np.median(canary_now))).to_dict()
+    from hwnas.latency.validate import _age_h
+
+    report = ValidationReport(
+        device=device.name, host=table.host, table=str(table.path),
+        space=f"{ps.base.name} {ps.arch} (mixed)", input_shape=list(ps.input_shape),
+        n=len(assigns), seed=seed, **metrics(predicted, measured),
+        noise_floor_pct=noise_floor_pct(noise_file) if noise_file else None,
+        contention=contention.to_dict(), drift=drift,
+        canary_corrected=metrics(corrected, measured),
+        table_age_h=_age_h(table.meta["canary"]["measured"]), csv=str(csv_path),
+        plot=str(png_path))
+    scatter_plot(predicted, measured, report, png_path, corrected)
+    return report

@@ -1,0 +1,532 @@
+"""`hwnas quantize`, as a library call: price, check the budget, weigh sensitivity, assign,
+realise, measure, score.
+
+`run_quantize(cfg)` does, in order (the cheap refusals first, before any heavy work):
+
+1. the device must run int8; the candidate's mixed table must exist on this host;
+2. the checkpoint must be of this candidate (`hwnas.quant.target.load_target`);
+3. the budget must be at least the fastest assignment's predicted latency (the ILP with latency
+   as its objective), else a one-line error naming it; where the fastest is all fp32, int8
+   does not pay on this host and the result says so;
+4. sensitivity: Hessian traces and Ω (cached per checkpoint and settings), and, once, the
+   measured single-unit drops with their rank correlation;
+5. the method's assignment (ILP by default; greedy and random for comparison);
+6. the realised QDQ model, calibrated on real training images, written atomically to the
+   output with a JSON sidecar;
+7. its latency with the protocol (the file itself when the checkpoint is the priced model, else
+   its latency twin), interleaved with the table's canary, and the budget verdict; its metric
+   on the evaluation split.
+
+`compare_assignments` realises, times and scores several assignments together: what
+``--compare`` and `tools/bench_quant.py` use for the latency–accuracy plane.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hwnas.devices import Device, load_device
+from hwnas.errors import UserError
+from hwnas.fileio import atomic_write_text, check_writable
+from hwnas.locks import output_lock
+from hwnas.measure import Protocol
+from hwnas.quant.assign import METHODS, Problem, choose, fastest
+from hwnas.quant.latency import (MixedPredictor, WholeModels, assign_label, load_mixed,
+                                 measure_runners, profile_mixed)
+from hwnas.quant.realise import realise
+from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
+from hwnas.quant.units import PrecisionSpace, device_precisions
+from hwnas.spaces import get_space
+from hwnas.spaces.base import Arch, SearchSpace, Shape
+
+
+@dataclass
+class QuantizeConfig:
+    device: str
+    space: str
+    arch: str
+    ckpt: Path | None = None
+    budget_ms: float | None = None
+    output: Path | None = None
+    size_mb: float | None = None
+    input_shape: Shape | None = None
+    tables: Path | None = None
+    host: str | None = None
+    strict: bool = False
+    method: str = "ilp"
+    precisions: tuple[str, ...] | None = None  # a subset of the device's (default: all)
+    assignment: str | None = None  # realise this assignment (``ffii…``) instead of choosing
+    data: str | None = None
+    calibration_images: int = 64  # real training images the quantiser calibrates on
+    hutchinson_samples: int = 48
+    hutchinson_batches: int = 12
+    hessian_batch_size: int = 16
+    drop_split: str = "val"  # where single-unit drops are measured
+    eval_split: str = "test"  # where the realised model's metric is reported
+    measure: bool = True
+    compare: bool = False
+    force: bool = False
+    fresh_sensitivity: bool = False
+    seed: int = 0
+    protocol: Protocol = field(default_factory=Protocol)
+    progress: bool = True
+
+
+def parse_arch(space: SearchSpace, text: str) -> Arch:
+    """`text` as an arch of `space`: ``<space>:<tokens>``, or the tokens under the name of the
+    same base space at any width (``det20:…`` for det20-fcos-w0.5, as checkpoints write it)."""
+    from hwnas.train.supernet import base_name
+
+    prefix, sep, tokens = text.strip().rpartition(":")
+    own = getattr(space, "backbone", space)
+    if sep and prefix != space.name:
+        try:
+            other = get_space(prefix)
+        except UserError:
+            other = None
+        if other is None or base_name(other.name) != base_name(own.name):
+            raise UserError(f"arch {text!r} is not a candidate of {space.name}; write it as "
+                            f"{space.name}:<tokens> (or {base_name(own.name)}:<tokens>)")
+    return space.parse(f"{space.name}:{tokens if sep else text.strip()}")
+
+
+def _precision_space(cfg: QuantizeConfig) -> tuple[Device, PrecisionSpace]:
+    from hwnas.quant.units import PRECISION_CODES
+
+    device = load_device(cfg.device)
+    precisions = device_precisions(device)
+    if cfg.precisions:
+        bad = [p for p in cfg.precisions if p not in PRECISION_CODES]
+        if bad:
+            raise UserError(f"unknown precision {bad[0]!r}; known: {', '.join(PRECISION_CODES)}")
+        bad = [p for p in cfg.precisions if p not in precisions]
+        if bad:
+            raise UserError(f"device {device.name} cannot run {bad[0]} (it runs "
+                            f"{', '.join(precisions)})")
+        if "int8" not in cfg.precisions:
+            raise UserError("--precisions must include int8 (mixed precision here is int8 "
+                            "against the float precisions)")
+        precisions = tuple(p for p in precisions if p == "fp32" or p in cfg.precisions)
+    space = get_space(cfg.space)
+    arch = parse_arch(space, cfg.arch)
+    shape = tuple(cfg.input_shape or space.default_input)
+    try:
+        space.op_keys(arch, shape)
+    except ValueError as e:  # a detector space is built for one input size
+        raise UserError(f"space {space.name}: {e}") from None
+    return device, PrecisionSpace(space, arch, shape, precisions)
+
+
+def _root(cfg: QuantizeConfig) -> Path:
+    from hwnas.latency.table import tables_dir
+
+    return Path(cfg.tables) if cfg.tables else tables_dir()
+
+
+def whole_models(target, ps: PrecisionSpace, workdir: Path, seed: int = 0) -> WholeModels:
+    """Whole models for timing: the trained checkpoint (when it is the priced model) on a
+    real training image, else fresh seeded weights on a real training image resized."""
+    feed = target.calibration_feeds(1, seed + 101, ps.input_shape)[0]
+    if target.matches_priced:
+        path = Path(workdir) / "whole-fp32.onnx"
+        if not path.is_file():
+            target.export(path)
+        return WholeModels(path, feed, f"the trained checkpoint {target.ckpt} (sha256 "
+                           f"{target.identity()['ckpt_sha256'][:12]}) on a real training image")
+    return WholeModels(None, feed, "fresh seeded weights on a real training image (resized "
+                       f"from {target.ckpt})")
+
+
+def _whole_for(cfg: QuantizeConfig, ps: PrecisionSpace, workdir: Path) -> WholeModels:
+    from hwnas.quant.target import load_target
+
+    if cfg.ckpt is None:
+        return WholeModels()
+    target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
+    return whole_models(target, ps, workdir, cfg.seed)
+
+
+def run_profile(cfg: QuantizeConfig, calibration_n: int = 24, require_quiet: bool = False
+                ) -> dict:
+    device, ps = _precision_space(cfg)
+    with tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
+        rep = profile_mixed(device, ps, _root(cfg), cfg.protocol, calibration_n, cfg.seed,
+                            cfg.progress, require_quiet, _whole_for(cfg, ps, Path(tmp)))
+    return rep.to_dict()
+
+
+def run_validate(cfg: QuantizeConfig, n: int, out: Path | None, publish: bool,
+                 group: int = 25, require_quiet: bool = False):
+    from hwnas.latency.table import host_dir
+    from hwnas.quant.latency import mixed_table_path, validate_mixed
+    from hwnas.runs import new_run_dir
+
+    device, ps = _precision_space(cfg)
+    root = _root(cfg)
+    table = load_mixed(root, device, ps, cfg.host, cfg.strict)
+    pred = MixedPredictor(table, ps)
+    if publish:
+        prefix = mixed_table_path(root, device, ps).with_suffix("")
+    else:
+        prefix = out or new_run_dir("quantize", "validate") / "mixed"
+    with tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
+        whole = _whole_for(cfg, ps, Path(tmp))
+        if whole.what != table.meta.get("whole_models", WholeModels().what):
+            emit_warning(f"the table's whole models were {table.meta.get('whole_models')!r}; "
+                         f"these are {whole.what!r}")
+        return validate_mixed(pred, device, n, cfg.seed + 1, Path(prefix),
+                              host_dir(root, device) / "noise.json", cfg.protocol, group,
+                              cfg.progress, require_quiet, whole)
+
+
+# ---- sensitivity, cached ---------------------------------------------------------------------------
+SENSITIVITY_VERSION = 2  # bump when what a cached sensitivity holds changes
+
+
+def _cache_dir() -> Path:
+    from hwnas.data import cache_dir
+
+    return cache_dir() / "quant"
+
+
+def sensitivity_for(target, ps: PrecisionSpace, device: Device, cfg: QuantizeConfig,
+                    fp32_onnx: Path, workdir: Path) -> tuple[Sensitivity, Path]:
+    """The checkpoint's sensitivity (from the cache when the same checkpoint, candidate,
+    quantiser options and settings made it before)."""
+    key = {**target.identity(), "version": SENSITIVITY_VERSION, "precisions": list(ps.precisions),
+           "quantiser": {k: v for k, v in device.options.items() if k.startswith("int8_")},
+           "samples": cfg.hutchinson_samples, "batches": cfg.hutchinson_batches,
+           "batch_size": cfg.hessian_batch_size, "seed": cfg.seed,
+           "calibration_images": cfg.calibration_images, "drop_split": cfg.drop_split}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = _cache_dir() / f"sensitivity-{digest}.json"
+    if path.is_file() and not cfg.fresh_sensitivity:
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("key") == key:
+                return Sensitivity.from_dict(doc["sensitivity"]), path
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed
+    s = hessian_sensitivity(target, ps, cfg.hutchinson_samples, cfg.hutchinson_batches,
+                            cfg.hessian_batch_size, cfg.seed, cfg.progress)
+    feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
+    s.metric = target.metric_name
+    s.base_metric, s.drop = measure_drops(target, ps, device, fp32_onnx, feeds, cfg.drop_split,
+                                          workdir, cfg.progress)
+    s.drop_split = cfg.drop_split
+    s.correlate()
+    atomic_write_text(path, json.dumps({"key": key, "sensitivity": s.to_dict()}, indent=1))
+    return s, path
+
+
+# ---- realise + time + score several assignments ----------------------------------------------------
+@dataclass
+class Scored:
+    name: str
+    assignment: str
+    predicted_ms: float
+    measured_ms: float | None = None
+    metric: float | None = None
+    size_mb: float | None = None  # of the realised file
+    path: str | None = None
+
+
+def latency_of(target, ps: PrecisionSpace) -> str:
+    return ("the realised file" if target.matches_priced else
+            f"its latency twin: {ps.base.name} {ps.arch} @ {'x'.join(map(str, ps.input_shape))} "
+            "with the same assignment and quantiser (the checkpoint is a proxy of it)")
+
+
+def realise_all(target, ps: PrecisionSpace, device: Device, texts: list[str], workdir: Path,
+                cfg: QuantizeConfig, progress: bool = False
+                ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(realised file, file to time) per assignment text: the checkpoint's model calibrated on
+    real training images; the file to time is that file, or its latency twin (the priced
+    candidate, realised the same way on the same images resized) when the checkpoint is a
+    proxy of the priced model."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    fp32 = workdir / "fp32.onnx"
+    if not fp32.is_file():
+        target.export(fp32)
+    feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
+    files, timed = {}, {}
+    twin_fp32 = twin_feeds = None
+    if not target.matches_priced:
+        from hwnas.export import export_onnx
+
+        twin_fp32 = workdir / "twin.onnx"
+        if not twin_fp32.is_file():
+            export_onnx(ps.base.build(ps.arch), ps.input_shape, twin_fp32)
+        twin_feeds = target.calibration_feeds(min(cfg.calibration_images, 16), cfg.seed,
+                                              ps.input_shape)
+    for t in tqdm(texts, desc="realising", unit="model", file=sys.stderr,
+                  disable=not progress, leave=False, dynamic_ncols=True):
+        a = ps.parse(t)
+        files[t] = workdir / f"q-{t}.onnx"
+        if not files[t].is_file():
+            realise(fp32, files[t], device, ps, a, feeds)
+        timed[t] = files[t]
+        if twin_fp32 is not None:
+            timed[t] = workdir / f"twin-{t}.onnx"
+            if not timed[t].is_file():
+                realise(twin_fp32, timed[t], device, ps, a, twin_feeds)
+    return files, timed
+
+
+def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedPredictor,
+                        assigns: dict[str, Arch], workdir: Path, cfg: QuantizeConfig,
+                        keep: dict[str, Path] | None = None) -> tuple[list[Scored], dict]:
+    """Realise every distinct assignment (real calibration), time them all interleaved with the
+    table's canary (the realised files, or their latency twins when the checkpoint is a proxy),
+    and score each on `cfg.eval_split`. `keep[name]` is where to leave that realised file.
+    Returns the rows and the measurement's record (contention, drift)."""
+    workdir = Path(workdir)
+    texts = {name: ps.text(a) for name, a in assigns.items()}
+    distinct = list(dict.fromkeys(texts.values()))
+    files, timed = realise_all(target, ps, device, distinct, workdir, cfg)
+    record: dict = {"latency_of": latency_of(target, ps)}
+    measured: dict[str, float] = {}
+    if cfg.measure:
+        measured, timing = time_files(ps, device, pred, timed, cfg.protocol, workdir,
+                                      progress=cfg.progress,
+                                      whole=whole_models(target, ps, workdir, cfg.seed))
+        record.update(timing)
+    metrics = {t: target.evaluate(files[t], cfg.eval_split) for t in distinct}
+    rows = []
+    for name, t in texts.items():
+        a = ps.parse(t)
+        dest = files[t]
+        if keep and name in keep:
+            import shutil
+
+            from hwnas.fileio import atomic_path
+
+            with atomic_path(Path(keep[name]), ".onnx") as tmp:
+                shutil.copyfile(files[t], tmp)
+            dest = Path(keep[name])
+        rows.append(Scored(name, t, pred.predict(a), measured.get(t), metrics[t],
+                           files[t].stat().st_size / 1e6, str(dest)))
+    return rows, record
+
+
+def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: dict[str, Path],
+               protocol: Protocol, workdir: Path, group: int = 60, progress: bool = True,
+               whole: WholeModels = WholeModels()) -> tuple[dict[str, float], dict]:
+    """Time the QDQ `files` (assignment text → file) with the protocol on `whole.feed`, `group`
+    at a time interleaved with the table's canary (the all-fp32 assignment, built as `whole`
+    says); their latencies and a record of the host's contention and drift (``ratio`` per
+    file: its group's canary now / in the table)."""
+    from hwnas.backends import compile_model
+    from hwnas.latency.lookup import drift_from
+    from hwnas.measure import Contention
+    from hwnas.quant.latency import Builder, SameFeed
+
+    canary = assign_label(ps, ps.canary())
+    builder = Builder(ps, device, Path(workdir), whole)
+
+    def open_runner(label: str):
+        if not label.startswith("file:"):
+            return builder(label)
+        r = compile_model(files[label[5:]], device)
+        return SameFeed(r, whole.feed) if whole.feed is not None else r
+
+    texts = list(files)
+    measured: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    parts, now = [], []
+    has_canary = bool(pred.table.meta.get("canary"))
+    for start in range(0, len(texts), group):
+        chunk = [f"file:{t}" for t in texts[start:start + group]]
+        got = measure_runners(chunk + [canary], open_runner, protocol,
+                              desc=f"timing {start + len(chunk)}/{len(texts)}", progress=progress)
+        measured.update({lb[5:]: got.stats[lb].best_ms for lb in chunk})
+        parts.append(got.contention)
+        now.append(got.stats[canary].best_ms)
+        if has_canary:
+            r = drift_from(pred.table, now[-1]).ratio
+            ratios.update({lb[5:]: r for lb in chunk})
+    record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts),
+                    "whole_models": whole.what}
+    if has_canary:
+        record["drift"] = drift_from(pred.table, float(np.median(now))).to_dict()
+        record["ratio"] = ratios
+    return measured, record
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
+                budgets: list[float] | None = None) -> None:
+    """Measured latency vs metric, one colour per method (uniform fp32/int8 as stars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hwnas.fileio import atomic_path
+
+    style = {"ilp": ("tab:blue", "o"), "greedy": ("tab:orange", "s"),
+             "random": ("tab:green", "^"), "fp32": ("black", "*"), "int8": ("tab:red", "*")}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for name, (color, marker) in style.items():
+        pts = [(r["measured_ms"], r["metric"]) for r in rows
+               if r["name"] == name and r.get("measured_ms") is not None]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.scatter(xs, ys, c=color, marker=marker, s=60 if marker == "*" else 22,
+                       label={"fp32": "uniform fp32", "int8": "uniform int8"}.get(name, name),
+                       zorder=3, alpha=0.85)
+    for b in budgets or []:
+        ax.axvline(b, color="grey", lw=0.3, alpha=0.4)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(Path(path), ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def _int8_notes(ps: PrecisionSpace, pred: MixedPredictor, fast: Arch) -> list[str]:
+    """What the table says about int8 here, in measured terms."""
+    fp32_ms, int8_ms, fast_ms = (pred.predict(ps.canary()), pred.predict(ps.uniform("int8")),
+                                 pred.predict(fast))
+    notes = []
+    if ps.text(fast) == ps.text(ps.canary()):
+        notes.append(f"int8 does not pay for this candidate on this host: the fastest assignment "
+                     f"is all fp32 ({fp32_ms:.3f} ms; all int8 {int8_ms:.3f} ms); the ILP keeps "
+                     "fp32")
+    else:
+        int8_units = [u.name for u, p in zip(ps.units, ps.unit_precisions(fast)) if p == "int8"]
+        notes.append(f"fastest assignment {ps.text(fast)} at {fast_ms:.3f} ms (all fp32 "
+                     f"{fp32_ms:.3f} ms, all int8 {int8_ms:.3f} ms): int8 pays in "
+                     f"{len(int8_units)} of {len(ps.units)} units")
+    return notes
+
+
+def run_quantize(cfg: QuantizeConfig) -> dict:
+    from hwnas.latency.predict import infeasible_error
+    from hwnas.quant.target import load_target
+
+    if cfg.method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    if cfg.ckpt is None or cfg.output is None or (cfg.budget_ms is None
+                                                  and cfg.assignment is None):
+        raise UserError("give --ckpt, --budget-ms (or --assignment) and -o (or --profile / "
+                        "--validate N)")
+    out = Path(cfg.output)
+    if out.suffix != ".onnx":
+        raise UserError(f"output {str(out)!r} should end in .onnx")
+    if out.exists() and not cfg.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    check_writable(out)
+    device, ps = _precision_space(cfg)
+    given = ps.parse(cfg.assignment) if cfg.assignment is not None else None
+    table = load_mixed(_root(cfg), device, ps, cfg.host, cfg.strict)
+    pred = MixedPredictor(table, ps)
+    target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
+    counts = ps.weight_counts()
+    free = Problem.build(pred, np.zeros((len(ps.units), pred.unit_ms.shape[1])), counts)
+    fast = fastest(free, cfg.size_mb)
+    if fast is None:  # only the size can make the program infeasible without a budget
+        smallest = float(np.nansum(np.nanmin(free.size_bytes, axis=1))) / 1e6
+        raise UserError(f"no assignment fits --size-mb {cfg.size_mb:g}: the smallest is "
+                        f"{smallest:.3f} MB (every unit at its narrowest precision)")
+    fast_ms = pred.predict(fast)
+    if cfg.budget_ms is not None and cfg.budget_ms < fast_ms - 1e-9:
+        raise infeasible_error(cfg.budget_ms, fast_ms, f"{ps.base.name} {ps.arch} assignment "
+                               f"({ps.text(fast)})")
+    notes = _int8_notes(ps, pred, fast)
+    with output_lock(out), tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
+        work = Path(tmp)
+        fp32 = target.export(work / "fp32.onnx")
+        sens, sens_path = sensitivity_for(target, ps, device, cfg, fp32, work)
+        prob = Problem.build(pred, sens.omega_matrix(ps), counts)
+        method = "given" if given is not None else cfg.method
+        chosen: dict[str, Arch] = {"given": given} if given is not None else {}
+        if cfg.budget_ms is not None:
+            for m in (list(METHODS) if cfg.compare else [] if given else [cfg.method]):
+                a = choose(prob, m, cfg.budget_ms, cfg.size_mb, cfg.seed)
+                if a is not None:
+                    chosen[m] = a
+        if method not in chosen:
+            raise UserError(f"method {cfg.method} found no assignment within {cfg.budget_ms:g} "
+                            f"ms (the ILP does: fastest {fast_ms:.3f} ms); use --method ilp")
+        assigns = {**chosen}
+        if cfg.compare:
+            assigns.update({"fp32": ps.uniform("fp32"), "int8": ps.uniform("int8")})
+        rows, record = compare_assignments(target, ps, device, pred, assigns, work, cfg,
+                                           keep={method: out})
+    pick = next(r for r in rows if r.name == method)
+    a = chosen[method]
+    verdict = None
+    if pick.measured_ms is not None and cfg.budget_ms is not None:
+        from hwnas.latency.table import host_dir
+        from hwnas.latency.validate import budget_verdict
+
+        verdict = budget_verdict(pick.measured_ms, cfg.budget_ms,
+                                 host_dir(_root(cfg), device) / "noise.json")
+    res = {
+        "output": str(out), "device": device.name, "host": table.host, "space": ps.base.name,
+        "arch": str(ps.arch), "input_shape": list(ps.input_shape), "method": method,
+        "budget_ms": cfg.budget_ms, "size_mb_limit": cfg.size_mb,
+        "assignment": ps.text(a),
+        "units": {u.name: p for u, p in zip(ps.units, ps.unit_precisions(a))},
+        "predicted_ms": pick.predicted_ms, "measured_ms": pick.measured_ms,
+        "budget": verdict, "metric_name": target.metric_name, "metric": pick.metric,
+        "eval_split": cfg.eval_split, "fp32_metric_on_drop_split": sens.base_metric,
+        "perturbation": float(prob.perturbation(a.choices)[0]),
+        "predicted_size_mb": float(prob.size_mb(a.choices)[0]),
+        "file_size_mb": pick.size_mb,
+        "fastest": {"assignment": ps.text(fast), "predicted_ms": fast_ms},
+        "uniform_predicted_ms": {"fp32": pred.predict(ps.uniform("fp32")),
+                                 "int8": pred.predict(ps.uniform("int8"))},
+        "notes": notes, "timing": record, "table": str(table.path),
+        "sensitivity": {"cache": str(sens_path),
+                        "rank_correlation": sens.rank_correlation,
+                        "units": [{"unit": u, "trace": t, "trace_se": se, "n_weights": n,
+                                   "omega_int8": sens.omega.get("int8", [None] * len(sens.units))[i],
+                                   "drop": None if sens.drop is None else sens.drop[i]}
+                                  for i, (u, t, se, n) in enumerate(zip(
+                                      sens.units, sens.trace, sens.trace_se, sens.n_weights))]},
+        "checkpoint": target.identity(), "seed": cfg.seed,
+        "compare": [asdict(r) for r in rows] if cfg.compare else None,
+    }
+    if cfg.compare:
+        plot = out.with_suffix(".pareto.png")
+        pareto_plot([asdict(r) for r in rows], plot,
+                    f"{ps.base.name} {ps.arch} on {device.name}, budget {cfg.budget_ms:g} ms",
+                    f"{target.metric_name} ({cfg.eval_split})", [cfg.budget_ms])
+        res["pareto_plot"] = str(plot)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def lines(res: dict) -> list[str]:
+    under = f" under {res['budget_ms']:g} ms" if res["budget_ms"] is not None else ""
+    out = [f"{res['method']}{under}: {res['assignment']} "
+           f"({sum(p == 'int8' for p in res['units'].values())}/{len(res['units'])} units int8)"]
+    m = res["measured_ms"]
+    v = res["budget"]
+    out.append(f"  predicted {res['predicted_ms']:.3f} ms" + (
+        f", measured {m:.3f} ms ({res['timing']['latency_of']}): "
+        + ("" if v is None else 'KEPT' if v['keeps_budget'] else 'MISSED')
+        if m is not None else ""))
+    out.append(f"  {res['metric_name']} {res['metric']:.4f} on {res['eval_split']}; "
+               f"{res['file_size_mb']:.2f} MB file -> {res['output']}")
+    out += [f"  {n}" for n in res["notes"]]
+    return out
+
+
+def emit_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)

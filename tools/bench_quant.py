@@ -1,0 +1,220 @@
+"""Benchmarks of `hwnas quantize` (issue 11): sensitivity, budget sweeps and the per-host picture.
+
+    # the checkpoints: a det20 proxy classifier (tools/train_classifier.py) and the detector
+    HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py sweep --model det20
+    HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py sweep --model det
+    python tools/bench_quant.py sensitivity --model det20      # per-unit table, rank correlation
+    python tools/bench_quant.py picture --model det20          # which units pay in int8, and why
+
+`sweep`: `--budgets` budgets spread evenly from the fastest assignment's predicted latency to
+the all-fp32 one; at each, the ILP's, greedy's and random search's assignments (the same
+sensitivity and table), plus uniform fp32 and int8; every distinct assignment realised (real
+calibration), timed with the protocol (groups interleaved with the table's canary) and scored
+(top-1 on the proxy's test split, or COCO AP on the detector's test split). Writes
+``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; realised files are kept in
+``<out>/models`` so a rerun resumes. The latency tables must exist
+(`hwnas quantize --profile`); the latency validation is `hwnas quantize --validate 100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hwnas.fileio import atomic_write_text
+from hwnas.measure import Protocol
+from hwnas.quant.assign import Problem, choose, fastest
+from hwnas.quant.latency import MixedPredictor, load_mixed
+from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of, pareto_plot,
+                             realise_all, sensitivity_for, time_files, whole_models)
+from hwnas.quant.target import load_target
+
+
+@dataclass(frozen=True)
+class Model:
+    space: str
+    arch: str
+    ckpt: str
+
+
+MODELS = {
+    "det20": Model("det20", "det20:01230123012301230123", "/work/quant-out/det20-w0.25-cls.pt"),
+    "det": Model("det20-fcos-w0.5", "det20:00000000000000000000", "/work/det-out/baseline.pt"),
+}
+
+
+def setup(args):
+    m = MODELS[args.model]
+    cfg = QuantizeConfig(device=args.device, space=args.space or m.space,
+                         arch=args.arch or m.arch, ckpt=Path(args.ckpt or m.ckpt),
+                         protocol=Protocol(span_s=args.span_s), seed=args.seed)
+    device, ps = _precision_space(cfg)
+    pred = MixedPredictor(load_mixed(_root(cfg), device, ps), ps)
+    target = load_target(cfg.ckpt, ps.base, ps.arch, ps.input_shape)
+    out = Path(args.out or f"/work/quant-out/bench-{args.model}")
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    sens, _ = sensitivity_for(target, ps, device, cfg, _fp32(target, out / "models"),
+                              out / "models")
+    return cfg, device, ps, pred, target, sens, out
+
+
+def _fp32(target, work: Path) -> Path:
+    path = work / "fp32.onnx"
+    if not path.is_file():
+        target.export(path)
+    return path
+
+
+def cmd_sensitivity(args) -> None:
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    print(f"{ps.base.name} {ps.arch}: {sens.metric} fp32 {sens.base_metric:.4f} on "
+          f"{sens.drop_split}; Hutchinson {sens.settings}")
+    print(f"{'unit':10s} {'trace':>10s} {'±se':>8s} {'n':>8s} {'Tr/n':>10s} {'Omega int8':>11s} "
+          f"{'drop':>8s}")
+    for i, u in enumerate(sens.units):
+        n = sens.n_weights[i]
+        d = sens.drop[i] if sens.drop else None
+        print(f"{u:10s} {sens.trace[i]:10.3g} {sens.trace_se[i]:8.2g} {n:8d} "
+              f"{(sens.trace[i] / n if n else 0):10.3g} {sens.omega['int8'][i]:11.3g} "
+              f"{'' if d is None else format(d, '+.4f'):>8s}")
+    print("Spearman:", json.dumps(sens.rank_correlation))
+    atomic_write_text(out / "sensitivity.json", json.dumps(sens.to_dict(), indent=1) + "\n")
+
+
+def cmd_picture(args) -> None:
+    """Per unit: its rows at fp32 and int8, and the measured edge costs around it."""
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    const, unit, edge = pred.terms()
+    f = fastest(Problem.build(pred, np.zeros_like(unit), ps.weight_counts()))
+    print(f"{ps.base.name} {ps.arch} on {device.name}, host {pred.table.host}; calibrated "
+          f"terms (ms): unit fp32 / int8, then the boundary into the unit at "
+          f"fp32>fp32 / fp32>int8 / int8>fp32 / int8>int8")
+    into = {e.dst: k for k, e in enumerate(ps.edges)}
+    for i, u in enumerate(ps.units):
+        k = into.get(i)
+        e = "" if k is None else " ".join(f"{edge[k, c, d]:+.3f}" for c in range(2)
+                                         for d in range(2))
+        pick = ps.unit_precisions(f)[i]
+        print(f"  {u.name:10s} {unit[i, 0]:.3f} / {unit[i, 1] if unit.shape[1] > 1 else 0:.3f}"
+              f"   {e:32s} fastest: {pick}")
+    print(f"fastest {ps.text(f)} {pred.predict(f):.3f} ms; all fp32 "
+          f"{pred.predict(ps.canary()):.3f} ms; all int8 {pred.predict(ps.uniform('int8')):.3f}")
+
+
+def cmd_sweep(args) -> None:
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
+    f = fastest(prob)
+    lo, fp32_ms = pred.predict(f), pred.predict(ps.canary())
+    hi = max(fp32_ms, lo * 1.02)
+    budgets = [float(b) for b in np.linspace(lo, hi, args.budgets)]
+    picks: list[tuple[float, str, str | None]] = []
+    for b in budgets:
+        for m in ("ilp", "greedy", "random"):
+            a = choose(prob, m, b, None, args.seed)
+            picks.append((b, m, None if a is None else ps.text(a)))
+    uniform = {"fp32": ps.text(ps.canary()), "int8": ps.text(ps.uniform("int8"))}
+    texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
+    print(f"{len(budgets)} budgets {lo:.3f}..{hi:.3f} ms; {len(texts)} distinct assignments",
+          file=sys.stderr)
+    files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
+    measured, record = time_files(ps, device, pred, timed, cfg.protocol, out / "models",
+                                  group=args.group, progress=True,
+                                  whole=whole_models(target, ps, out / "models", cfg.seed))
+    scores = {}
+    for t in texts:
+        scores[t] = target.evaluate(files[t], "test")
+    ratio = record.get("ratio", {})
+    rows = []
+    for b, m, t in picks:
+        row = {"budget_ms": b, "name": m, "assignment": t}
+        if t:
+            a = ps.parse(t)
+            row.update(predicted_ms=pred.predict(a), measured_ms=measured[t], metric=scores[t],
+                       perturbation=float(prob.perturbation(a.choices)[0]),
+                       int8_units=ps.unit_precisions(a).count("int8"),
+                       keeps=measured[t] <= b, keeps_drift=measured[t] <= b * ratio.get(t, 1.0),
+                       drift_ratio=ratio.get(t))
+        rows.append(row)
+    for name, t in uniform.items():
+        a = ps.parse(t)
+        rows.append({"budget_ms": None, "name": name, "assignment": t,
+                     "predicted_ms": pred.predict(a), "measured_ms": measured[t],
+                     "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
+                     "int8_units": ps.unit_precisions(a).count("int8")})
+    summary = summarise(rows, budgets, uniform, scores, measured, pred, ps)
+    summary.update({"model": args.model, "space": ps.base.name, "arch": str(ps.arch),
+                    "device": device.name, "host": pred.table.host, "metric": target.metric_name,
+                    "latency_of": latency_of(target, ps), "timing": record,
+                    "budgets": budgets, "fastest": ps.text(f), "protocol_span_s": args.span_s,
+                    "sensitivity": {"rank_correlation": sens.rank_correlation,
+                                    "fp32_metric_val": sens.base_metric}})
+    buf = io.StringIO()
+    keys = ["budget_ms", "name", "assignment", "int8_units", "predicted_ms", "measured_ms",
+            "keeps", "keeps_drift", "drift_ratio", "metric", "perturbation"]
+    w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
+    atomic_write_text(out / "sweep.json", json.dumps({"summary": summary, "rows": rows},
+                                                    indent=1) + "\n")
+    pareto_plot(rows, out / "pareto.png",
+                f"{ps.base.name} {ps.arch} on {device.name} ({pred.table.host}): "
+                f"{len(budgets)} budgets", f"{target.metric_name} (test)", budgets)
+    print(json.dumps(summary, indent=1))
+
+
+def summarise(rows, budgets, uniform, scores, measured, pred, ps) -> dict:
+    ilp = [r for r in rows if r["name"] == "ilp" and r["assignment"]]
+    tol = 1e-9
+    at_least = {}
+    for other in ("greedy", "random"):
+        pairs = [(r, o) for r in ilp for o in rows if o["name"] == other and
+                 o["budget_ms"] == r["budget_ms"] and o["assignment"]]
+        at_least[other] = {"budgets_compared": len(pairs),
+                           "ilp_metric_ge": sum(r["metric"] >= o["metric"] - tol for r, o in pairs),
+                           "ilp_perturbation_le": sum(r["perturbation"] <= o["perturbation"] + tol
+                                                      for r, o in pairs),
+                           "infeasible": sum(1 for o in rows if o["name"] == other
+                                             and not o["assignment"])}
+    for name, t in uniform.items():  # a uniform model competes where it keeps the budget
+        pairs = [r for r in ilp if measured[t] <= r["budget_ms"]]
+        at_least[name] = {"budgets_where_it_keeps": len(pairs),
+                          "ilp_metric_ge": sum(r["metric"] >= scores[t] - tol for r in pairs)}
+    return {"ilp_keeps_measured": sum(r["keeps"] for r in ilp), "ilp_budgets": len(ilp),
+            "ilp_keeps_drift_corrected": sum(r["keeps_drift"] for r in ilp),
+            "compare": at_least,
+            "uniform": {n: {"assignment": t, "predicted_ms": pred.predict(ps.parse(t)),
+                            "measured_ms": measured[t], "metric": scores[t]}
+                        for n, t in uniform.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture"])
+    ap.add_argument("--model", choices=sorted(MODELS), default="det20")
+    ap.add_argument("--device", default="cpu-ort-int8")
+    ap.add_argument("--space", default=None)
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--budgets", type=int, default=20)
+    ap.add_argument("--group", type=int, default=60,
+                    help="assignments timed together (one group: one host state for all)")
+    ap.add_argument("--span-s", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
