@@ -411,3 +411,29 @@ def test_detector_end_to_end(tmp_path_factory, int8, det_ps, env):
                   "(layer_precisions + Q/DQ) but unverified: no GPU or TensorRT on this host")
 def test_trt_mixed_precision_engine_builds():
     pass
+
+
+def test_timing_runs_every_file_as_its_assignment_says(int8, ps, mixed_tables, tmp_path,
+                                                        monkeypatch):
+    """An all-fp32 realised file is timed in fp32: an int8 device would quantise it at
+    compile time and time the all-int8 model instead (a bug the first sweep had)."""
+    import hwnas.backends as backends
+    from hwnas.quant.run import time_files
+
+    seen = {}
+    real = backends.compile_model
+
+    def spy(path, device, module=None):
+        seen[str(path)] = device.precision
+        return real(path, device, module)
+
+    monkeypatch.setattr(backends, "compile_model", spy)
+    fp32 = export_onnx(ps.base.build(ps.arch), ps.input_shape, tmp_path / "f.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal(ps.input_shape).astype(np.float32)}]
+    q = realise(fp32, tmp_path / "q.onnx", int8, ps, ps.parse("fiifff"), feeds)
+    pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
+    measured, record = time_files(ps, int8, pred, {"ffffff": fp32, "fiifff": q}, FAST,
+                                  tmp_path, progress=False)
+    assert seen[str(fp32)] == "fp32" and seen[str(q)] == "int8"
+    assert set(measured) == {"ffffff", "fiifff"} and set(record["ratio"]) == set(measured)

@@ -5,6 +5,8 @@
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py sweep --model det
     python tools/bench_quant.py sensitivity --model det20      # per-unit table, rank correlation
     python tools/bench_quant.py picture --model det20          # which units pay in int8, and why
+    HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py repeat --model det20 \
+        --assignments fff…,iii… --copies 4     # the protocol's noise here; head-to-head
 
 `sweep`: `--budgets` budgets spread evenly from the fastest assignment's predicted latency to
 the all-fp32 one; at each, the ILP's, greedy's and random search's assignments (the same
@@ -33,6 +35,7 @@ from hwnas.fileio import atomic_write_text
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
 from hwnas.quant.latency import MixedPredictor, load_mixed
+from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of, pareto_plot,
                              realise_all, sensitivity_for, time_files, whole_models)
 from hwnas.quant.target import load_target
@@ -197,9 +200,43 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps) -> dict:
                         for n, t in uniform.items()}}
 
 
+def cmd_repeat(args) -> None:
+    """Each of `--assignments` realised once and compiled `--copies` times, all timed in one
+    interleaved run: the spread between copies of one model is the protocol's own noise for
+    these models here; the means compare the assignments head to head."""
+    from hwnas.backends import compile_model
+    from hwnas.latency.table import host_dir
+    from hwnas.quant.latency import SameFeed, measure_runners
+
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    texts = [t.strip() for t in args.assignments.split(",")]
+    files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
+    whole = whole_models(target, ps, out / "models", cfg.seed)
+    labels = [f"{t}#{k}" for t in texts for k in range(args.copies)]
+
+    def open_runner(label: str):
+        t = label.split("#")[0]
+        r = compile_model(timed[t], assignment_device(device, ps, ps.parse(t)))
+        return SameFeed(r, whole.feed)
+
+    got = measure_runners(labels, open_runner, cfg.protocol, desc="repeat")
+    res = {"latency_of": latency_of(target, ps), "contention": got.contention.to_dict(),
+           "noise_file": str(host_dir(_root(cfg), device) / "noise.json"), "assignments": {}}
+    for t in texts:
+        v = np.array([got.stats[f"{t}#{k}"].best_ms for k in range(args.copies)])
+        res["assignments"][t] = {"predicted_ms": pred.predict(ps.parse(t)),
+                                 "measured_ms": v.round(4).tolist(), "mean_ms": float(v.mean()),
+                                 "cv_pct": float(100 * v.std(ddof=1) / v.mean()),
+                                 "range_pct": float(100 * np.ptp(v) / v.mean())}
+    atomic_write_text(out / "repeat.json", json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture"])
+    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat"])
+    ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
+    ap.add_argument("--copies", type=int, default=4, help="repeat: compiled copies of each")
     ap.add_argument("--model", choices=sorted(MODELS), default="det20")
     ap.add_argument("--device", default="cpu-ort-int8")
     ap.add_argument("--space", default=None)
@@ -213,7 +250,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture}[args.cmd](args)
+    {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
+     "repeat": cmd_repeat}[args.cmd](args)
 
 
 if __name__ == "__main__":

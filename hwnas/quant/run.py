@@ -40,7 +40,7 @@ from hwnas.measure import Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, fastest
 from hwnas.quant.latency import (MixedPredictor, WholeModels, assign_label, load_mixed,
                                  measure_runners, profile_mixed)
-from hwnas.quant.realise import realise
+from hwnas.quant.realise import assignment_device, realise
 from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
 from hwnas.quant.units import PrecisionSpace, device_precisions
 from hwnas.spaces import get_space
@@ -336,7 +336,10 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     def open_runner(label: str):
         if not label.startswith("file:"):
             return builder(label)
-        r = compile_model(files[label[5:]], device)
+        # the assignment's own device: a realised QDQ file runs as it is, and an all-fp32
+        # one must not be quantised at compile time by an int8 device
+        text = label[5:]
+        r = compile_model(files[text], assignment_device(device, ps, ps.parse(text)))
         return SameFeed(r, whole.feed) if whole.feed is not None else r
 
     texts = list(files)
