@@ -41,6 +41,8 @@ class SearchConfig:
     protocol: object = None
     cluster: str | None = None  # where candidates are scored (`hwnas.distributed.get_executor`)
     actors: int | None = None  # evaluation actors on a cluster (default: one per CPU)
+    threads: int = 1  # torch threads for in-process scoring: torch's default 2 ran 13x slower
+    # than 1 on this busy 2-core host (tools/bench_fleet.py, README "Fleet")
 
 
 def _file(prefix: Path, ext: str) -> Path:
@@ -64,6 +66,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    import torch
+    torch.set_num_threads(cfg.threads)
     if not cfg.budget_ms > 0:
         raise UserError(f"--budget-ms must be positive, got {cfg.budget_ms}")
     device, space = load_device(cfg.device), get_space(cfg.space)
