@@ -85,10 +85,9 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
     import torch
 
     from hwnas.devices import load_device
-    from hwnas.distributed import get_executor
     from hwnas.latency.lookup import open_predictor
     from hwnas.search.identity import search_identity
-    from hwnas.search.run import verify_pick
+    from hwnas.search.run import run_method, verify_pick
     from hwnas.spaces import get_space
 
     if cfg.method not in METHODS:
@@ -113,17 +112,7 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
         identity = search_identity(device, lut.table.path, cfg.supernet, shape,
                                    bn_batches=cfg.bn_batches, options=cfg.options or {},
                                    host=lut.table.host, canary=cfg.canary)
-        executor = get_executor(cfg.cluster, cfg.actors)  # in-process unless a cluster is named
-        try:
-            search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
-                                         cfg.seed, executor=executor,
-                                         state_path=_file(out, ".state.json"),
-                                         progress=cfg.progress, identity=identity,
-                                         **(cfg.options or {}))
-            result = search.run()
-            evaluated_on = executor.describe()
-        finally:
-            executor.close()
+        result, evaluated_on = run_method(cfg, space, lut, scorer, out, identity)
         result.context = {
             "evaluated_on": evaluated_on,
             "device": device.name, "table": str(lut.table.path), "host": lut.table.host,

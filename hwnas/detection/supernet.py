@@ -35,7 +35,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from hwnas.detection.config import DetTrainConfig
 from hwnas.detection.data import CocoSplit
 from hwnas.detection.model import Detector, DetectorConfig
-from hwnas.detection.train import DetectorTrainer, read_detector_checkpoint
+from hwnas.detection.train import DetectorTrainer, load_detector, read_detector_checkpoint
 from hwnas.errors import UserError
 from hwnas.spaces import get_space
 from hwnas.spaces.base import Arch, FeatureInfo, SearchSpace
@@ -166,14 +166,7 @@ def standalone_detector(supernet: Detector, arch: Arch) -> Detector:
 
 def load_det_supernet(path: str | Path) -> tuple[Detector, dict]:
     """The detection supernet in `path` and its metadata."""
-    ck = read_detector_checkpoint(path)
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise UserError(f"{str(path)!r} is not a detection supernet checkpoint (format "
-                        f"{FORMAT!r}); train one with `hwnas detect supernet`")
-    meta = ck["meta"]
-    det = build_det_supernet(DetectorConfig(**meta["detector"]))
-    det.load_state_dict(ck["model"])
-    return det.eval(), meta
+    return load_detector(path, FORMAT, build_det_supernet, "hwnas detect supernet")
 
 
 class DetSupernetScorer:

@@ -59,14 +59,16 @@ def read_detector_checkpoint(path: str | Path) -> dict:
     return ck
 
 
-def load_detector(path: str | Path) -> tuple[Detector, dict]:
-    """The eval-mode detector in a detector checkpoint, and its metadata."""
+def load_detector(path: str | Path, fmt: str = FORMAT, build=build_detector,
+                  command: str = "hwnas detect train") -> tuple[Detector, dict]:
+    """The eval-mode detector in a checkpoint of format `fmt` (rebuilt by `build` from its
+    `DetectorConfig`), and its metadata; a one-line `UserError` for another file."""
     ck = read_detector_checkpoint(path)
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise UserError(f"{str(path)!r} is not an hwnas detector checkpoint (expected format "
-                        f"{FORMAT!r}); train one with `hwnas detect train`")
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise UserError(f"{str(path)!r} is not an hwnas {fmt} checkpoint; train one with "
+                        f"`{command}`")
     meta = ck["meta"]
-    det = build_detector(DetectorConfig(**meta["detector"]))
+    det = build(DetectorConfig(**meta["detector"]))
     det.load_state_dict(ck["model"])
     return det.eval(), meta
 

@@ -57,7 +57,6 @@ def default_out(cfg: SearchConfig) -> Path:
 def run_search(cfg: SearchConfig) -> SearchResult:
     from hwnas.data import load_data
     from hwnas.devices import load_device
-    from hwnas.distributed import get_executor
     from hwnas.latency.lookup import open_predictor
     from hwnas.search.identity import search_identity
     from hwnas.spaces import get_space
@@ -91,17 +90,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         identity = search_identity(device, table.path, cfg.supernet, shape,
                                    bn_batches=cfg.bn_batches, options=cfg.options,
                                    host=table.host, canary=cfg.canary)
-        executor = get_executor(cfg.cluster, cfg.actors)  # in-process unless a cluster is named
-        try:
-            search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
-                                         cfg.seed,
-                                         state_path=out.with_name(out.name + ".state.json"),
-                                         progress=cfg.progress, identity=identity,
-                                         executor=executor, **cfg.options)
-            result = search.run()
-            evaluated_on = executor.describe()
-        finally:
-            executor.close()
+        result, evaluated_on = run_method(cfg, space, lut, scorer, out, identity)
         result.context = {
             "evaluated_on": evaluated_on,
             "device": device.name, "table": str(table.path), "host": table.host,
@@ -118,6 +107,23 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         result.plot(_file(out, ".png"))
         result.save(_file(out, ".json"))
     return result
+
+
+def run_method(cfg, space, lut, scorer, out: Path, identity: dict):
+    """Run (or resume) `cfg.method` on `cfg.cluster`'s executor (in-process unless one is
+    named): the result and where its candidates were scored. `cfg`: a `SearchConfig` or any
+    config with the same search fields (the detection search's)."""
+    from hwnas.distributed import get_executor
+
+    executor = get_executor(cfg.cluster, cfg.actors)
+    try:
+        search = METHODS[cfg.method](space, lut, scorer, cfg.budget_ms, cfg.evaluations,
+                                     cfg.seed, state_path=_file(out, ".state.json"),
+                                     progress=cfg.progress, identity=identity,
+                                     executor=executor, **(cfg.options or {}))
+        return search.run(), executor.describe()
+    finally:
+        executor.close()
 
 
 def verify_pick(result: SearchResult, device, space, shape, out: Path, protocol=None) -> dict:
