@@ -7,6 +7,8 @@
     python tools/bench_quant.py picture --model det20          # which units pay in int8, and why
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py repeat --model det20 \
         --assignments fff…,iii… --copies 4     # the protocol's noise here; head-to-head
+    HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py joint --model det20
+        # rows, calibration and 100 held-out assignments in one run: fidelity without drift
 
 `sweep`: `--budgets` budgets spread evenly from the fastest assignment's predicted latency to
 the all-fp32 one; at each, the ILP's, greedy's and random search's assignments (the same
@@ -232,9 +234,56 @@ def cmd_repeat(args) -> None:
     print(json.dumps(res, indent=1))
 
 
+def cmd_joint(args) -> None:
+    """The latency model's fidelity with the host's drift between runs taken out: the table's
+    rows, `--calibration-n` calibration assignments and `--n` held-out assignments measured in
+    ONE interleaved run; calibrated on the first, validated on the second (the committed
+    table is not touched). What `hwnas quantize --validate` adds on top of this is the host's
+    change between the profile and the validation."""
+    import tempfile
+
+    from hwnas.latency.validate import metrics
+    from hwnas.quant.latency import (Builder, MixedTable, all_items, assign_label,
+                                     calibration_assignments, fit_calibration, measure_runners)
+
+    cfg, device, ps, pred0, target, sens, out = setup(args)
+    cal = calibration_assignments(ps, args.calibration_n, args.seed)
+    held = ps.sample_stratified(args.n, np.random.default_rng(args.seed + 1),
+                                {ps.text(a) for a in cal})
+    rows = all_items(ps)
+    labels = rows + [assign_label(ps, a) for a in cal + held]
+    whole = whole_models(target, ps, out / "models", cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="hwnas-joint-") as tmp:
+        got = measure_runners(labels, Builder(ps, device, Path(tmp), whole), cfg.protocol,
+                              desc=f"joint: {len(rows)} rows + {len(cal)} + {len(held)}")
+    table = MixedTable(pred0.table.path, dict(pred0.table.meta),
+                       {k: got.stats[k] for k in rows})
+    raw = MixedPredictor(table, ps, calibrated=False)
+    table.meta["calibration"] = fit_calibration(
+        raw, cal, [got.stats[assign_label(ps, a)].best_ms for a in cal])
+    pred = MixedPredictor(table, ps)
+    p = pred.predict_many(held)
+    m = np.array([got.stats[assign_label(ps, a)].best_ms for a in held])
+    res = {"model": args.model, "rows": len(rows), "calibration_n": len(cal), "n": len(held),
+           "contention": got.contention.to_dict(),
+           "calibration": {k: v for k, v in table.meta["calibration"].items()
+                           if k not in ("assignments", "measured_ms", "fitted_ms", "what")},
+           "held_out": metrics(p, m), "whole_models": whole.what}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["assignment", "predicted_ms", "measured_ms", "error_pct"])
+    for a, pp, mm in zip(held, p, m):
+        w.writerow([ps.text(a), f"{pp:.4f}", f"{mm:.4f}", f"{(pp / mm - 1) * 100:+.2f}"])
+    atomic_write_text(out / "joint.csv", buf.getvalue())
+    atomic_write_text(out / "joint.json", json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat"])
+    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint"])
+    ap.add_argument("--n", type=int, default=100, help="joint: held-out assignments")
+    ap.add_argument("--calibration-n", type=int, default=40, help="joint: calibration ones")
     ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
     ap.add_argument("--copies", type=int, default=4, help="repeat: compiled copies of each")
     ap.add_argument("--model", choices=sorted(MODELS), default="det20")
@@ -251,7 +300,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
-     "repeat": cmd_repeat}[args.cmd](args)
+     "repeat": cmd_repeat, "joint": cmd_joint}[args.cmd](args)
 
 
 if __name__ == "__main__":

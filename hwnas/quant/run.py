@@ -418,7 +418,6 @@ def _int8_notes(ps: PrecisionSpace, pred: MixedPredictor, fast: Arch) -> list[st
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict:
-    from hwnas.latency.predict import infeasible_error
     from hwnas.quant.target import load_target
 
     if cfg.method not in METHODS:
@@ -435,9 +434,11 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     check_writable(out)
     device, ps = _precision_space(cfg)
     given = ps.parse(cfg.assignment) if cfg.assignment is not None else None
+    # the checkpoint first: a checkpoint of another arch is the mistake to name, not the
+    # missing table of the arch it was given with
+    target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
     table = load_mixed(_root(cfg), device, ps, cfg.host, cfg.strict)
     pred = MixedPredictor(table, ps)
-    target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
     counts = ps.weight_counts()
     free = Problem.build(pred, np.zeros((len(ps.units), pred.unit_ms.shape[1])), counts)
     fast = fastest(free, cfg.size_mb)
@@ -447,8 +448,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                         f"{smallest:.3f} MB (every unit at its narrowest precision)")
     fast_ms = pred.predict(fast)
     if cfg.budget_ms is not None and cfg.budget_ms < fast_ms - 1e-9:
-        raise infeasible_error(cfg.budget_ms, fast_ms, f"{ps.base.name} {ps.arch} assignment "
-                               f"({ps.text(fast)})")
+        raise UserError(f"budget {cfg.budget_ms:g} ms is infeasible: below the fastest precision "
+                        f"assignment of {ps.arch} the mixed table can price ({ps.text(fast)}, "
+                        f"{fast_ms:.3f} ms); raise --budget-ms to at least {fast_ms:.3f}")
     notes = _int8_notes(ps, pred, fast)
     with output_lock(out), tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
         work = Path(tmp)
