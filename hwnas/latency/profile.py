@@ -51,6 +51,18 @@ def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Modu
     compiles it. With a `journal`, the rounds measured so far are saved after every round and
     reused when the same labels are measured again with the same protocol.
     """
+    return measure_opened(labels, lambda label: compiled(*build(label), device), protocol,
+                          journal, desc, progress)
+
+
+def measure_opened(labels: Sequence[str],
+                   open_runner: Callable[[str], "contextlib.AbstractContextManager[Runner]"],
+                   protocol: Protocol, journal: Path | None = None, desc: str = "measuring",
+                   progress: bool = True,
+                   wrap: Callable[[list[Runner]], Sequence[Runner]] | None = None) -> Labelled:
+    """`measure_labelled` for items that open their own runner: `open_runner(label)` is a
+    context manager giving a compiled `Runner`; `wrap` may replace the opened runners before
+    timing (e.g. `hwnas.quant.latency.same_feeds`: one input for models compared together)."""
     prior = None
     if journal is not None and journal.is_file():
         try:
@@ -65,8 +77,7 @@ def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Modu
         runners: list[Runner] = []
         for i, label in enumerate(labels):
             bar.set_postfix_str(f"compiling {i + 1}/{len(labels)}")
-            module, shape = build(label)
-            runners.append(stack.enter_context(compiled(module, shape, device)))
+            runners.append(stack.enter_context(open_runner(label)))
         bar.set_postfix_str("")
 
         def on_round(done: int, total: int, rounds) -> None:
@@ -79,7 +90,8 @@ def measure_labelled(labels: Sequence[str], build: Callable[[str], tuple[nn.Modu
                                                        "protocol": protocol.to_dict(),
                                                        "rounds": rounds}))
 
-        m = measure_interleaved(runners, protocol, prior_rounds=prior, on_round=on_round)
+        m = measure_interleaved(wrap(runners) if wrap else runners, protocol, prior_rounds=prior,
+                                on_round=on_round)
     bar.close()
     return Labelled(dict(zip(labels, m.stats)), len(prior[0]) if prior else 0, m.contention)
 

@@ -28,10 +28,8 @@ per table: the units and edges are that candidate's) with a JSON sidecar, writte
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -47,10 +45,10 @@ from hwnas.devices import Device, fingerprint_diff, fingerprint_hash
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text, clean_orphans
 from hwnas.hosts import record_host
-from hwnas.latency.profile import contention_check
+from hwnas.latency.profile import Labelled, contention_check, measure_opened
 from hwnas.latency.table import LatencyTable, host_dir, new_table, now_iso, shape_text
 from hwnas.locks import output_lock
-from hwnas.measure import Contention, LatencyStats, Protocol, measure_interleaved
+from hwnas.measure import Contention, Protocol
 from hwnas.quant.realise import assignment_device, mixed_device
 from hwnas.quant.units import Edge, PrecisionSpace, pair_module
 from hwnas.spaces.base import TOKENS, Arch, OpKey
@@ -113,11 +111,7 @@ def profile_command(device: str, ps: PrecisionSpace) -> str:
 
 
 # ---- measuring ---------------------------------------------------------------------------------
-@dataclass
-class Measured:
-    stats: dict[str, LatencyStats]
-    resumed_rounds: int
-    contention: Contention
+Measured = Labelled  # stats by label, rounds resumed from a journal, contention
 
 
 class SameFeed(Runner):
@@ -155,37 +149,9 @@ def measure_runners(labels: Sequence[str], open_runner: Callable[[str], Runner],
                     progress: bool = True) -> Measured:
     """Compile every label's runner (`open_runner`), then time them all interleaved with the
     protocol (runners with the same inputs on the same input, `same_feeds`), saving the rounds
-    to `journal` after every round (a rerun resumes them)."""
-    prior = None
-    if journal is not None and journal.is_file():
-        try:
-            saved = json.loads(journal.read_text())
-            if saved.get("labels") == list(labels) and saved.get("protocol") == protocol.to_dict():
-                prior = saved["rounds"]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            prior = None
-    with contextlib.ExitStack() as stack:
-        runners = []
-        for label in tqdm(labels, desc=f"{desc}: compiling", unit="model", file=sys.stderr,
-                          disable=not progress, leave=False, dynamic_ncols=True):
-            runners.append(stack.enter_context(open_runner(label)))
-        bar = tqdm(total=None, desc=desc, unit="round", file=sys.stderr, disable=not progress,
-                   leave=False, mininterval=0.5, dynamic_ncols=True)
-
-        def on_round(done: int, total: int, rounds) -> None:
-            if bar.total != total:
-                bar.total = total
-                bar.n = done - 1
-            bar.update(1)
-            if journal is not None:
-                atomic_write_text(journal, json.dumps({"labels": list(labels),
-                                                       "protocol": protocol.to_dict(),
-                                                       "rounds": rounds}))
-
-        m = measure_interleaved(same_feeds(runners), protocol, prior_rounds=prior,
-                                on_round=on_round)
-        bar.close()
-    return Measured(dict(zip(labels, m.stats)), len(prior[0]) if prior else 0, m.contention)
+    to `journal` after every round (a rerun resumes them): `measure_opened`."""
+    return measure_opened(labels, open_runner, protocol, journal, desc, progress,
+                          wrap=same_feeds)
 
 
 @dataclass(frozen=True)
