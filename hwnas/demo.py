@@ -105,13 +105,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     model = space.build(arch)
     onnx_path = export_onnx(model, cfg.input_shape, out / f"{str(arch).replace(':', '_')}.onnx")
     check = check_export(model, onnx_path, cfg.input_shape)
-    # the pick is timed interleaved with the canary: on a host whose speed swings by 10% within
-    # minutes, the canary says how much the host changed between pricing and verifying
-    labels = list(dict.fromkeys([str(arch), str(space.canary())]))
+    # the pick is timed interleaved with the drift's reference candidates: on a host whose speed
+    # swings by 10% within minutes, they say how much the host changed between pricing and
+    # verifying (a pick that is itself a reference is timed once)
+    labels = list(dict.fromkeys([str(arch), *(drift.refs if drift else [])]))
     got = measure_labelled(labels, candidate_builder(space, cfg.input_shape), device,
                            cfg.protocol, progress=False)
     measured = got.stats[str(arch)].best_ms
-    shift = got.stats[labels[-1]].best_ms / drift.now_ms if drift else 1.0
+    shift = drift.shift({k: got.stats[k].best_ms for k in labels[1:]}) if drift else 1.0
     verdict = budget_verdict(measured, budget * shift, noise_file)
     raw = budget_verdict(measured, budget, noise_file)
     return {

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hwnas.latency import LatencyTable, table_path
@@ -130,6 +131,11 @@ def test_validate_writes_csv_and_plot(tables_copy, tmp_path, monkeypatch):
     assert open(d["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # the canary was timed with the candidates: drift and corrected figures beside the raw
     assert d["drift"]["canary"] == "tiny:0000" and d["drift"]["now_ms"] > 0
+    # ...with the next calibration candidates: the drift is their median ratio
+    refs = d["drift"]["refs"]
+    assert list(refs)[0] == "tiny:0000" and len(refs) == 5
+    assert d["drift"]["ratio"] == pytest.approx(np.median([now / then for then, now
+                                                           in refs.values()]))
     assert set(d["canary_corrected"]) >= {"within_5pct", "bias_pct"}
     assert 0 <= d["contention"]["quiet_fraction"] <= 1
     again = json.loads(run_cli("validate", *DEV, "--space", "tiny", "--tables", tables_copy,

@@ -103,3 +103,27 @@ def test_killed_profile_resumes_without_losing_or_duplicating(tmp_path, tiny):
     lines = csv_path.read_text().splitlines()[1:]
     assert len(lines) == len({ln.split(",")[0] for ln in lines}) == rep["rows"]
     assert not journal.exists()
+
+
+def test_calibration_picks_the_nested_model_the_data_support(tiny_tables, tiny):
+    """Whole-model times built from the real table's op rows with known slopes: per-kind
+    slopes are recovered where kinds differ; where the ops cost what they cost alone (plus
+    noise) the offset model is kept; slopes stay bounded where the data cannot pin them."""
+    from hwnas.latency.predict import SLOPE_BOUNDS, fit_calibration, kind_sums
+
+    t = _table(tiny_tables, tiny)
+    rng = np.random.default_rng(0)
+    archs = tiny.sample_distinct(20, rng)
+    kinds = tiny.choice_kinds()
+    X = np.array([kind_sums(tiny, t, a, tiny.default_input, kinds) for a in archs])
+    true = np.array([1.0, 1.5, 2.5, 3.0])[:len(kinds)]
+    cal = fit_calibration(tiny, t, tiny.default_input, archs, 0.01 + X[:, :-1] @ true + X[:, -1])
+    assert cal.model == "per-kind" and cal.loo_within_5pct == 1.0
+    assert np.allclose([cal.slopes[k] for k in kinds], true, rtol=1e-3)
+    plain = (0.01 + X.sum(1)) * (1 + rng.normal(0, 0.002, len(X)))
+    cal = fit_calibration(tiny, t, tiny.default_input, archs, plain)
+    assert cal.model == "offset" and set(cal.slopes.values()) == {1.0}
+    # times that do not follow the ops at all: whatever is chosen, slopes stay in bounds
+    cal = fit_calibration(tiny, t, tiny.default_input, archs,
+                          X.sum(1).mean() * rng.uniform(0.5, 1.5, len(X)))
+    assert all(SLOPE_BOUNDS[0] - 1e-9 <= s <= SLOPE_BOUNDS[1] + 1e-9 for s in cal.slopes.values())

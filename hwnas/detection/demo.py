@@ -92,18 +92,18 @@ def run_detect_demo(cfg: DetDemoConfig) -> dict:
     exported = export_detector(det, onnx_path)
     val = load_coco(resolve_data(meta["config"]["data"]), "val", det.cfg.image_size)
     par = parity(det, onnx_path, val, limit=cfg.parity_n)
-    # measured as shipped (trained weights, NMS inside), interleaved with the table's canary
+    # measured as shipped (trained weights, NMS inside), interleaved with the drift's references
     from hwnas.latency.profile import candidate_builder
     build_candidate = candidate_builder(space, shape)
-    canary = str(space.canary())
+    refs = list(drift.refs) if drift else []
 
     def build(label: str):
         return (exported_module(det, exported), shape) if label == "pick" \
             else build_candidate(label)
 
-    got = measure_labelled(["pick", canary], build, device, cfg.protocol, progress=False)
+    got = measure_labelled(["pick", *refs], build, device, cfg.protocol, progress=False)
     measured = got.stats["pick"].best_ms
-    shift = got.stats[canary].best_ms / drift.now_ms if drift else 1.0
+    shift = drift.shift({k: got.stats[k].best_ms for k in refs}) if drift else 1.0
     noise_file = predictor.table.path.parent / "noise.json"
     verdict = budget_verdict(measured, budget * shift, noise_file)
     raw = budget_verdict(measured, budget, noise_file)

@@ -6,13 +6,16 @@ Why the canary: this class of host does not keep one uncontended speed. A table 
 12:13 on an AMD EPYC host was +2.7% off; the same table at 13:40, on a quiet host, was +15.5%
 off with every candidate off by 14–18% alike (rank order intact). Timing one fixed candidate now
 and dividing by its time in the table measures that drift in a few seconds; `--canary correct`
-scales every prediction by it.
+scales every prediction by it. The canary stands with a few more reference candidates from the
+table's calibration (`DRIFT_REFS`), and the drift is their median ratio.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from hwnas.devices import Device, load_device
 from hwnas.errors import UserError
@@ -25,27 +28,48 @@ from hwnas.spaces.base import Shape
 CANARY_MODES = ("off", "report", "correct")
 
 
+DRIFT_REFS = 5  # reference candidates whose median ratio is the drift: the canary and the next
+# calibration candidates (the space's uniform candidates first), all timed with the table. One
+# candidate's ratio carries its own noise: on the AMD host a validation right after profiling
+# found the canary 4.6% faster while the held-out candidates were 2.3% faster on average, so the
+# correction overshot; the median of five is steadier and costs one interleaved measurement.
+
+
 @dataclass(frozen=True)
 class Drift:
-    """The canary now vs in the table: `ratio` = now / then (1.10: the host is 10% slower)."""
+    """The reference candidates now vs in the table: `ratio` = the median over references of
+    now / then (1.10: the host is 10% slower). `canary`, `table_ms` and `now_ms` are the canary's
+    (the first reference); `refs` maps each reference to [then, now]."""
 
     canary: str
     table_ms: float
     now_ms: float
     table_measured: str
     now_measured: str
+    refs: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
+        if len(self.refs) > 1:
+            return float(np.median([now / then for then, now in self.refs.values()]))
         return self.now_ms / self.table_ms
+
+    def shift(self, later: dict[str, float]) -> float:
+        """The host's change since this drift was timed, from the references timed again
+        (`later`: label → ms; those it lacks are left out): the median ratio, 1.0 if none."""
+        r = [later[k] / now for k, (_, now) in self.refs.items() if k in later]
+        if not r and self.canary in later:
+            r = [later[self.canary] / self.now_ms]
+        return float(np.median(r)) if r else 1.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "drift_pct": 100 * (self.ratio - 1)}
 
     def line(self) -> str:
         return (f"canary {self.canary}: {self.table_ms:.3f} ms in the table "
-                f"({self.table_measured}), {self.now_ms:.3f} ms now: host drift "
-                f"{100 * (self.ratio - 1):+.1f}%")
+                f"({self.table_measured}), {self.now_ms:.3f} ms now; host drift "
+                f"{100 * (self.ratio - 1):+.1f}% (median of {max(len(self.refs), 1)} "
+                "reference candidates)")
 
 
 def canary_of(table: LatencyTable) -> dict:
@@ -56,20 +80,40 @@ def canary_of(table: LatencyTable) -> dict:
     return c
 
 
-def drift_from(table: LatencyTable, now_ms: float) -> Drift:
+def references(table: LatencyTable, k: int = DRIFT_REFS) -> dict[str, float]:
+    """The drift's reference candidates and their times in the table: the canary first, then
+    the calibration candidates in order (a table without them has the canary alone)."""
     c = canary_of(table)
-    return Drift(c["arch"], float(c["latency_ms"]), float(now_ms), c["measured"], now_iso())
+    refs = {c["arch"]: float(c["latency_ms"])}
+    cal = table.meta.get("calibration") or {}
+    for arch, ms in zip(cal.get("archs") or (), cal.get("measured_ms") or ()):
+        if len(refs) >= k:
+            break
+        refs.setdefault(arch, float(ms))
+    return refs
+
+
+def drift_from(table: LatencyTable, now: float | dict[str, float]) -> Drift:
+    """The drift from the canary's time now (a number) or the references' (label → ms)."""
+    c = canary_of(table)
+    if not isinstance(now, dict):
+        return Drift(c["arch"], float(c["latency_ms"]), float(now), c["measured"], now_iso())
+    then = references(table, len(now))
+    refs = {k: [then[k], float(v)] for k, v in now.items() if k in then}
+    return Drift(c["arch"], float(c["latency_ms"]), float(now[c["arch"]]), c["measured"],
+                 now_iso(), refs)
 
 
 def time_canary(table: LatencyTable, device: Device, space: SearchSpace, shape: Shape,
                 protocol: Protocol = Protocol()) -> Drift:
-    """Time the table's canary now (one protocol measurement, a few seconds)."""
+    """Time the table's reference candidates now (one interleaved protocol measurement, a few
+    seconds) for the host's drift since the table was made."""
     from hwnas.latency.profile import candidate_builder, measure_labelled
 
-    arch = canary_of(table)["arch"]
-    got = measure_labelled([arch], candidate_builder(space, shape), device, protocol,
+    labels = list(references(table))
+    got = measure_labelled(labels, candidate_builder(space, shape), device, protocol,
                            progress=False)
-    return drift_from(table, got.stats[arch].best_ms)
+    return drift_from(table, {k: got.stats[k].best_ms for k in labels})
 
 
 def open_predictor(device: str | Device, space: str | SearchSpace, shape: Shape | None = None,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from hwnas.devices import Device
 from hwnas.fileio import atomic_path, atomic_write_text
-from hwnas.latency.lookup import drift_from
+from hwnas.latency.lookup import drift_from, references
 from hwnas.latency.predict import LutPredictor
 from hwnas.latency.profile import candidate_builder, contention_check, measure_labelled
 from hwnas.latency.table import shape_text
@@ -55,7 +55,8 @@ class ValidationReport:
     spearman_rho: float
     noise_floor_pct: float | None  # between-process CV from `hwnas noise`, if measured
     contention: dict  # how quiet the host was while the candidates were timed
-    drift: dict | None  # the canary, timed interleaved with the candidates, vs the table's
+    drift: dict | None  # the reference candidates (canary first), timed interleaved with the
+    # candidates, vs the table's
     canary_corrected: dict | None  # the figures above with predictions scaled by the drift
     table_age_h: float | None  # hours between the table's canary and this validation
     csv: str
@@ -116,15 +117,16 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
              noise_file: Path | None = None, protocol: Protocol = Protocol(), group: int = 100,
              progress: bool = True, canary: bool = True,
              require_quiet: bool = False, executor=None) -> ValidationReport:
-    """Measure `n` held-out candidates (and, with `canary`, the table's canary interleaved with
-    every group, for the drift since the table was made); write
+    """Measure `n` held-out candidates (and, with `canary`, the table's reference candidates,
+    the canary first, interleaved with every group, for the drift since the table was made); write
     ``<out_prefix>.validation.{csv,png}``.
 
     With a cluster `executor` (`hwnas.distributed.get_executor`), the groups are timed on the
     nodes of the table's host, one group per timing slot at a time, instead of here."""
     space, shape, table = predictor.space, predictor.input_shape, predictor.table
     canary_arch = (table.meta.get("canary") or {}).get("arch") if canary else None
-    exclude = set(predictor.calibration.archs) | ({canary_arch} if canary_arch else set())
+    refs = list(references(table)) if canary_arch else []
+    exclude = set(predictor.calibration.archs) | set(refs)
     archs = space.sample_distinct(n, np.random.default_rng(seed), exclude)
     predicted = predictor.predict_many(archs)
     measured, ratio = np.zeros(len(archs)), np.ones(len(archs))
@@ -133,13 +135,13 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
                dynamic_ncols=True)
     starts = list(range(0, len(archs), group))
     chunks = [[str(a) for a in archs[s:s + group]] for s in starts]
-    labels = [c + ([canary_arch] if canary_arch else []) for c in chunks]
+    labels = [c + refs for c in chunks]
 
     def take(i: int, got) -> None:  # a measured group (in-process `Labelled`, or a shard's)
         start, chunk = starts[i], chunks[i]
         measured[start:start + len(chunk)] = [got.stats[lb].best_ms for lb in chunk]
         if canary_arch:
-            now = got.stats[canary_arch].best_ms
+            now = {r: got.stats[r].best_ms for r in refs}
             canary_now.append(now)
             ratio[start:start + len(chunk)] = drift_from(table, now).ratio
         parts.append(got.contention)
@@ -168,8 +170,8 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
     csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
     png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
     atomic_write_text(csv_path, buf.getvalue())
-    drift = (drift_from(table, float(np.median(canary_now))).to_dict() if canary_arch
-             else None)
+    drift = (drift_from(table, {r: float(np.median([c[r] for c in canary_now])) for r in refs})
+             .to_dict() if canary_arch else None)
     report = ValidationReport(
         device=device.name, host=table.host, table=str(table.path), space=space.name,
         input_shape=list(shape), n=len(archs), seed=seed, **metrics(predicted, measured),
