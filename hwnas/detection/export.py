@@ -90,6 +90,51 @@ class StaticPost(nn.Module):
                 num.to(torch.int64))
 
 
+def worst_case_reg(det: Detector) -> float:
+    """Box-coder deltas (each side, in anchor widths a) for the worst-case head: boxes of width
+    W = 2·d·a around every location's centre, so each box overlaps its neighbours (IoU with the
+    next location, a stride s away, (W − s)/(W + s)) but stays below the NMS threshold t: d is
+    3/4 of the bound s (1 + t) / (2 a (1 − t)) (3.0 for FCOS anchors of half a stride at 0.6,
+    neighbour IoU 0.5)."""
+    anchors, _ = det.anchors()
+    a = float(anchors[0, 2] - anchors[0, 0])
+    s, t = det.backbone.info[0].stride, det.cfg.nms_thresh
+    return 0.75 * s * (1 + t) / (2 * a * max(1 - t, 1e-6))
+
+
+def worst_case_nms(det: Detector) -> Detector:
+    """`det` with its box regression fixed (the last convolution's weights zeroed, its bias set
+    by `worst_case_reg`; in place, returned): every box overlaps its neighbours and none
+    suppresses another, so NMS keeps every top-k candidate and computes a real IoU against the
+    boxes kept before it, while scores stay the model's own (sorting distinct scores costs more
+    than sorting equal ones). Measured on det20-fcos-w0.5 @ 128 (two candidates, three seeds
+    each, interleaved): random weights 3.52–3.76 ms (one candidate moved 7% between seeds, as
+    much as the backbone choices move a detector), this head 4.72–4.88 ms; equal scores with
+    boxes that do not overlap ran at 2.97 ms, far below random weights. So latency candidates
+    (`DetectorSpace.build`) carry this head and the table prices it: an upper bound of the
+    post-processing for any image, nearly the same for every seed. Every other op costs what it costs with any weights."""
+    conv = det.head.regression_head.bbox_reg
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(worst_case_reg(det))
+    return det
+
+
+class WorstCasePost(nn.Module):
+    """`StaticPost` with the box regression `worst_case_nms`'s head emits (the input × 0 +
+    that constant, so no optimiser folds it away); the scores are its inputs' own: the latency
+    table's post-processing op, at the workload whole latency candidates run."""
+
+    def __init__(self, det: Detector, score_thresh: float, iou: float, max_det: int):
+        super().__init__()
+        self.post = StaticPost(det, score_thresh, iou, max_det)
+        self.reg = worst_case_reg(det)
+
+    def forward(self, cls_logits: torch.Tensor, bbox_regression: torch.Tensor,
+                bbox_ctrness: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.post(cls_logits, bbox_regression * 0 + self.reg, bbox_ctrness)
+
+
 class DeployableDetector(nn.Module):
     """[1, 3, S, S] → boxes [1, D, 4], scores [1, D], labels [1, D] int64, num_dets [1] int64
     with D = max_det (see the module docstring); a static graph for export: the detector, then

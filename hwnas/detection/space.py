@@ -9,14 +9,16 @@ detector space's name. The one op walk (`op_keys`) is:
 - ``fpn``: torchvision's FPN over the levels `feature_info` names, one op with one input per
   level (an `OpKey` with `extra_inputs`);
 - ``fcos_head<convs>``: the FCOS head over the FPN levels, one op with one input per level;
-- ``fcos_post_k<topk>``: decode + per-level top-k + NMS + max-det (`StaticPost`), one op with
-  the head's three outputs as inputs, measured at the exported pre-NMS top-k (random head outputs
-  keep every top-k candidate, so NMS runs at its full size).
+- ``fcos_post_worst_k<topk>``: decode + per-level top-k + NMS + max-det (`StaticPost`), one op
+  with the head's three outputs as inputs, at its worst case (`WorstCasePost`): the exported
+  pre-NMS top-k, every box overlapping its neighbours and none suppressed, so NMS keeps them all.
 
 `build(arch)` is the deployable detector (`DeployableDetector`: what `hwnas detect export`
-writes, NMS inside), so `hwnas validate` times exactly what ships. Weights do not change these
-latencies (the post-processing's cost is fixed by the top-k), so ops and candidates are
-measured with fresh weights.
+writes, NMS inside) with the worst-case head (`worst_case_nms`), so `hwnas validate` times
+what ships, with its post-processing at the workload the table prices. Only NMS's cost depends
+on the weights (on how boxes overlap; random weights moved it by 8% of a candidate's latency
+between seeds), so a price is an upper bound for any image: a budget kept here is kept in
+deployment.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class DetectorSpace(SearchSpace):
             OpKey("fpn", feats[0], c.fpn_channels, 3, 1, 1, precision, tuple(feats[1:])),
             OpKey(f"fcos_head{c.head_convs}", fpn[0], c.num_classes, 3, 1, 1, precision,
                   tuple(fpn[1:])),
-            OpKey(f"fcos_post_k{c.topk_candidates}", (n, hwa, c.num_classes), c.max_det, 1, 1,
+            OpKey(f"fcos_post_worst_k{c.topk_candidates}", (n, hwa, c.num_classes), c.max_det, 1, 1,
                   1, precision, ((n, hwa, 4), (n, hwa, 1))),
         ]
 
@@ -105,18 +107,20 @@ class DetectorSpace(SearchSpace):
         if key.kind.startswith("fcos_head"):
             return _Head(build_detector(self.cfg).head).eval()
         if key.kind.startswith("fcos_post"):
-            from hwnas.detection.export import StaticPost
+            from hwnas.detection.export import WorstCasePost
 
             c = self.cfg
-            return StaticPost(build_detector(c), c.score_thresh, c.nms_thresh, c.max_det).eval()
+            return WorstCasePost(build_detector(c), c.score_thresh, c.nms_thresh, c.max_det).eval()
         return self.backbone.build_op(key)
 
     def build(self, arch: Arch) -> nn.Module:
-        """The deployable detector of `arch` (NMS inside), as `hwnas detect export` writes it."""
-        from hwnas.detection.export import DeployableDetector
+        """The deployable detector of `arch` (NMS inside), as `hwnas detect export` writes it,
+        with the worst-case head (`worst_case_nms`): the latency candidate."""
+        from hwnas.detection.export import DeployableDetector, worst_case_nms
 
         c = self.detector_config(arch)
-        return DeployableDetector(build_detector(c), c.score_thresh, c.nms_thresh, c.max_det)
+        return DeployableDetector(worst_case_nms(build_detector(c)), c.score_thresh,
+                                  c.nms_thresh, c.max_det)
 
     def feature_info(self, input_shape: Shape | None = None) -> list[FeatureInfo]:
         return self.levels(input_shape)
