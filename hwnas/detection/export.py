@@ -107,12 +107,13 @@ def worst_case_nms(det: Detector) -> Detector:
     by `worst_case_reg`; in place, returned): every box overlaps its neighbours and none
     suppresses another, so NMS keeps every top-k candidate and computes a real IoU against the
     boxes kept before it, while scores stay the model's own (sorting distinct scores costs more
-    than sorting equal ones). Measured on det20-fcos-w0.5 @ 128 (two candidates, three seeds
-    each, interleaved): random weights 3.52–3.76 ms (one candidate moved 7% between seeds, as
-    much as the backbone choices move a detector), this head 4.72–4.88 ms; equal scores with
-    boxes that do not overlap ran at 2.97 ms, far below random weights. So latency candidates
-    (`DetectorSpace.build`) carry this head and the table prices it: an upper bound of the
-    post-processing for any image, nearly the same for every seed. Every other op costs what it costs with any weights."""
+    than sorting equal ones). NMS then does the same work for every weight and image; only the
+    order of the scores is left to the data. With random weights, one det20-fcos-w0.5 candidate
+    moved 7% between weight seeds (as much as the backbone choices move a detector), and this
+    head measured 4.8–5.1 ms where random weights gave 3.6–3.7 ms
+    (`tools/bench_det_post.py`). So latency candidates (`DetectorSpace.build`) carry this head
+    and the table prices it: an upper bound of the post-processing for any image. Every other
+    op costs what it costs with any weights."""
     conv = det.head.regression_head.bbox_reg
     with torch.no_grad():
         conv.weight.zero_()
