@@ -733,10 +733,9 @@ def cmd_search(args) -> None:
              f"{100 * res.score:.1f}%  ({res.context['mapping']})",
              f"  saved {res.context['json']} and {res.context['plot']}"]
     if res.verify:
-        v = res.verify
-        lines.append(f"  verify: measured {v['measured_ms']:.3f} ms vs predicted "
-                     f"{v['predicted_ms']:.3f} ms ({v['error_pct']:+.2f}%) vs budget "
-                     f"{v['budget_ms']:g} ms: {'KEPT' if v['keeps_budget'] else 'MISSED'}")
+        from hwnas.search.run import verify_line
+
+        lines.append(verify_line(res.verify))
     out = res.to_dict()
     out.pop("evaluated")  # the JSON file has them; stdout stays one readable object
     _emit(args, out, lines)

@@ -267,6 +267,12 @@ def test_cli_search_end_to_end(tmp_path, tiny_tables, tiny_supernet, tiny_lut):
                 "--span-s", 0, "-o", tmp_path / "v", "--json", check_rc=0)
     v = json.loads(p.stdout)["verify"]
     assert v["measured_ms"] > 0 and v["budget_ms"] == float(budget)
+    # timed with the table's references: the host's change since pricing is in the verdict
+    assert isinstance(v["host_shift_pct"], float) and isinstance(v["keeps_budget_raw"], bool)
+    assert 0 <= v["contention"]["quiet_fraction"] <= 1
+    assert "since priced" in run_cli("search", *common, "--method", "random", "--evaluations",
+                                     8, "--verify", "--span-s", 0, "-o", tmp_path / "v2",
+                                     check_rc=0).stdout
 
 
 @pytest.mark.slow

@@ -238,10 +238,9 @@ def _search(args) -> None:
             f"supernet AP {100 * res.score:.1f}\n  saved {res.context['json']} and "
             f"{res.context['plot']}")
     if res.verify:
-        v = res.verify
-        line += (f"\n  verify: measured {v['measured_ms']:.3f} ms vs predicted "
-                 f"{v['predicted_ms']:.3f} ms ({v['error_pct']:+.2f}%) vs budget "
-                 f"{v['budget_ms']:g} ms: {'KEPT' if v['keeps_budget'] else 'MISSED'}")
+        from hwnas.search.run import verify_line
+
+        line += "\n" + verify_line(res.verify)
     out = res.to_dict()
     out.pop("evaluated")
     _emit(args, out, line)

@@ -127,7 +127,8 @@ def run_detect_search(cfg: DetSearchConfig) -> SearchResult:
             "json": str(_file(out, ".json")), "plot": str(_file(out, ".png")),
         }
         if cfg.verify:
-            result.verify = verify_pick(result, device, space, shape, out, protocol)
+            result.verify = verify_pick(result, device, space, shape, out, protocol,
+                                        lut.table, lut.scale)
         result.plot(_file(out, ".png"))
         result.save(_file(out, ".json"))
     return result

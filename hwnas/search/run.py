@@ -103,7 +103,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             "json": str(_file(out, ".json")), "plot": str(_file(out, ".png")),
         }
         if cfg.verify:
-            result.verify = verify_pick(result, device, space, shape, out, cfg.protocol)
+            result.verify = verify_pick(result, device, space, shape, out, cfg.protocol,
+                                        table, lut.scale)
         result.plot(_file(out, ".png"))
         result.save(_file(out, ".json"))
     return result
@@ -126,16 +127,37 @@ def run_method(cfg, space, lut, scorer, out: Path, identity: dict):
         executor.close()
 
 
-def verify_pick(result: SearchResult, device, space, shape, out: Path, protocol=None) -> dict:
-    """Export the pick (`hwnas.export.export_onnx`), measure it with the protocol, compare."""
+def verify_pick(result: SearchResult, device, space, shape, out: Path, protocol=None,
+                table=None, scale: float = 1.0) -> dict:
+    """Export the pick (`hwnas.export.export_onnx`) and measure it with the protocol,
+    interleaved with the table's reference candidates, against the budget: the verdict allows
+    for the host's change since the prices were made (the references now vs in the table,
+    divided by the `scale` the prices were corrected by), as `hwnas demo` does."""
     from hwnas.export import export_onnx
+    from hwnas.latency.lookup import drift_from, references
+    from hwnas.latency.profile import candidate_builder, measure_labelled
     from hwnas.latency.validate import budget_verdict
-    from hwnas.measure import measure_file
 
     arch = space.parse(result.best_arch)
     onnx_path = export_onnx(space.build(arch), shape, _file(out, ".onnx"))
-    measured = measure_file(str(onnx_path), device, protocol or Protocol())["latency_ms"]
+    refs = list(references(table)) if table is not None and table.meta.get("canary") else []
+    build = candidate_builder(space, shape)
+    labels = list(dict.fromkeys([str(arch), *refs]))
+    got = measure_labelled(labels, build, device, protocol or Protocol(), progress=False)
+    measured = got.stats[str(arch)].best_ms
+    now = {r: got.stats[r].best_ms for r in refs}
+    shift = drift_from(table, now).ratio / scale if now else 1.0
     verdict = budget_verdict(measured, result.budget_ms,
-                             Path(result.context["table"]).parent / "noise.json")
+                             Path(result.context["table"]).parent / "noise.json", shift)
     return {"onnx": str(onnx_path), "predicted_ms": result.predicted_latency_ms,
-            "error_pct": 100 * (result.predicted_latency_ms / measured - 1), **verdict}
+            "error_pct": 100 * (result.predicted_latency_ms / measured - 1), **verdict,
+            "contention": got.contention.to_dict()}
+
+
+def verify_line(v: dict) -> str:
+    """The one line a search prints for its `verify_pick` result."""
+    return (f"  verify: measured {v['measured_ms']:.3f} ms vs predicted {v['predicted_ms']:.3f} ms "
+            f"({v['error_pct']:+.2f}%) vs budget {v['budget_ms']:g} ms: "
+            f"{'KEPT' if v['keeps_budget'] else 'MISSED'} (within the {v['tolerance_pct']:.1f}% "
+            f"noise floor, host {v['host_shift_pct']:+.1f}% since priced; without that "
+            f"allowance: {'kept' if v['keeps_budget_raw'] else 'missed'})")
