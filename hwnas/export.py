@@ -37,10 +37,16 @@ def input_names(n: int) -> list[str]:
     return [INPUT_NAME] + [f"{INPUT_NAME}{i}" for i in range(1, n)]
 
 
+default_input_names = input_names  # for `export_onnx`, whose argument of that name shadows it
+
+
 def export_onnx(module: nn.Module, input_shape: Shape | tuple[Shape, ...], path: str | Path,
-                output_names: list[str] | None = None) -> Path:
+                output_names: list[str] | None = None,
+                input_names: list[str] | None = None) -> Path:
     """Write `module` (eval mode, fixed `input_shape`, or a tuple of shapes for a module of
-    several inputs) to `path` atomically and check it.
+    several inputs) to `path` atomically and check it. Inputs are named ``input``,
+    ``input1``, … (`default_input_names`) unless `input_names` names them (a deployment stage
+    whose inputs are another stage's outputs).
 
     The file appears only once complete and valid (`onnx.checker`); an existing file at `path`
     is replaced only then.
@@ -53,7 +59,8 @@ def export_onnx(module: nn.Module, input_shape: Shape | tuple[Shape, ...], path:
     with atomic_path(path, ".onnx") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            kwargs = dict(input_names=input_names(len(xs)), output_names=output_names,
+            kwargs = dict(input_names=input_names or default_input_names(len(xs)),
+                          output_names=output_names,
                           opset_version=OPSET, do_constant_folding=True)
             try:
                 torch.onnx.export(module, xs, str(tmp), dynamo=False, **kwargs)

@@ -321,6 +321,7 @@ class TrtRunner(Runner):
                 self.inputs.append(TensorSpec(name, shape, dtype))
             else:  # pinned host copies so the device→host copy is asynchronous
                 self._out[name] = (buf, torch.empty(shape, dtype=tdtype).pin_memory())
+        self.output_names = list(self._out)  # engine I/O order, which `_run` returns
         self._profiler = None
         if opts.profile_nodes:
             self._profiler = _LayerTimes()
@@ -362,8 +363,10 @@ class TrtBackend(Backend):
         return compile_engine(onnx_path, device)
 
 
-def compile_engine(onnx_path: str | Path, device: Device) -> TrtRunner:
-    """Build (or take from the cache) the engine of `onnx_path` for `device`, ready to run."""
+def cached_engine(onnx_path: str | Path, device: Device) -> tuple[bytes, TrtOptions, Path, dict]:
+    """The serialized engine of `onnx_path` for `device`, from the cache or built (and then
+    cached): (engine bytes, the device's options, the inspector JSON's path, the metadata the
+    cache keeps beside it: TensorRT version, GPU, precision, plan)."""
     import tensorrt as trt
 
     opts = parse_options(device)
@@ -380,4 +383,10 @@ def compile_engine(onnx_path: str | Path, device: Device) -> TrtRunner:
             print(f"note: rebuilding TensorRT engine {key}: {why}", file=sys.stderr)
         data, info = build_engine(Path(onnx_path), device, opts, plan)
         cache.store(key, data, meta, info)
-    return TrtRunner(data, opts, cache.paths(key)[2])
+    return data, opts, cache.paths(key)[2], meta
+
+
+def compile_engine(onnx_path: str | Path, device: Device) -> TrtRunner:
+    """Build (or take from the cache) the engine of `onnx_path` for `device`, ready to run."""
+    data, opts, inspector, _ = cached_engine(onnx_path, device)
+    return TrtRunner(data, opts, inspector)

@@ -189,7 +189,9 @@ def import_onnx(onnx_path: str | Path, device: Device):
         raise UserError(f"TVM {tvm.__version__} (backend tvm, device {device.name}) cannot "
                         f"import {onnx_path}: {msg}; export without it or use an onnxruntime "
                         "device") from None
-    except (NotImplementedError, ValueError, tvm.error.TVMError) as e:
+    except (NotImplementedError, ValueError, TypeError, tvm.error.InternalError) as e:
+        # TVM 0.27 has no tvm.error.TVMError: its FFI raises Python's own exception types
+        # (a type-inference failure in the frontend is a TypeError) or an InternalError
         msg = str(e).strip().splitlines()[-1][:300]
         raise UserError(f"TVM {tvm.__version__} (backend tvm, device {device.name}) cannot "
                         f"import {onnx_path}: {msg}") from None
@@ -259,24 +261,42 @@ class TvmRunner(Runner):
     views of the VM's output tensors."""
 
     def __init__(self, onnx_path: str | Path, device: Device, progress: bool = True):
-        import tvm
-        from tvm import relax
-
         from hwnas.export import load_onnx
 
-        self.executable, self.tuning = build(onnx_path, device, progress)
-        self._dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(self.executable, self._dev)
-        self._main = self.vm["main"]
+        executable, self.tuning = build(onnx_path, device, progress)
         graph = load_onnx(onnx_path).graph
         init = {i.name for i in graph.initializer}
-        self.inputs = []
+        inputs = []
         for i in graph.input:
             if i.name in init:
                 continue
             shape = tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
             dtype = np.dtype(onnx_dtype(i.type.tensor_type.elem_type))
-            self.inputs.append(TensorSpec(i.name, shape, dtype))
+            inputs.append(TensorSpec(i.name, shape, dtype))
+        self._open(executable, inputs, device)
+
+    @classmethod
+    def load(cls, library: str | Path, inputs: list[TensorSpec], device: Device) -> "TvmRunner":
+        """A runner over a library that `build`'s executable wrote with ``export_library``
+        (`tvm.runtime.load_module`); `inputs` are its inputs in order (the library does not
+        record names). Nothing is compiled."""
+        import tvm
+
+        self = cls.__new__(cls)
+        self.tuning = None
+        self._open(tvm.runtime.load_module(str(library)), list(inputs), device)
+        return self
+
+    def _open(self, executable, inputs: list[TensorSpec], device: Device) -> None:
+        import tvm
+        from tvm import relax
+
+        _set_threads(device.threads)
+        self.executable = executable
+        self._dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(self.executable, self._dev)
+        self._main = self.vm["main"]
+        self.inputs = inputs
         self._staging = [tvm.runtime.empty(s.shape, str(s.dtype), self._dev) for s in self.inputs]
         self._events: list[tuple[str, float]] | None = None
         if device.options.get("profile_nodes"):

@@ -1,5 +1,9 @@
 """`hwnas detect {train,supernet,search,eval,export,data}`: parsing → one library call → a line or one JSON object.
 
+`export --to onnx|tvm|trt` writes the deployable ONNX file or a deployed folder
+(`hwnas.detection.deploy`); `eval --deployed DIR` scores such a folder (and with --ckpt compares
+it with torch).
+
 Wired into `hwnas.cli` by `add_parsers(sub)` and ``COMMANDS.update(detection.cli.COMMANDS)``.
 """
 
@@ -98,23 +102,35 @@ def add_parsers(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = dsub.add_parser("eval", help="COCO metrics of a checkpoint or an exported ONNX file; "
-                        "with both, their detections compared image by image (parity)")
+    e = dsub.add_parser("eval", help="COCO metrics of a checkpoint, an exported ONNX file or a "
+                        "deployed TVM/TensorRT folder; with a checkpoint and one of the others, "
+                        "their detections compared image by image (parity)")
     e.add_argument("--ckpt", type=Path, default=None)
     e.add_argument("--onnx", type=Path, default=None)
+    e.add_argument("--deployed", type=Path, default=None, metavar="DIR",
+                   help="a folder from `hwnas detect export --to tvm|trt`")
     e.add_argument("--data", default=None, help="default: the checkpoint's training data")
     e.add_argument("--split", default="val")
     e.add_argument("--image-size", type=int, default=None,
                    help="default: the checkpoint's (or the ONNX input's)")
     e.add_argument("--json", action="store_true")
 
-    x = dsub.add_parser("export", help="deployable ONNX: backbone, neck, head, decode and NMS")
+    x = dsub.add_parser("export", help="deployable ONNX (backbone, neck, head, decode and NMS), "
+                        "or that detector compiled by TVM / built by TensorRT into a folder")
     x.add_argument("--ckpt", type=Path, required=True)
-    x.add_argument("-o", "--output", type=Path, required=True)
+    x.add_argument("-o", "--output", type=Path, required=True,
+                   help="the ONNX file (--to onnx) or the folder (--to tvm|trt)")
+    x.add_argument("--to", choices=("onnx", "tvm", "trt"), default="onnx",
+                   help="onnx (default): one file, NMS inside; tvm: dense part compiled by TVM "
+                   "+ NMS stage on onnxruntime; trt: a TensorRT engine, NMS inside")
+    x.add_argument("--device", default=None, help="with --to tvm (default cpu-tvm-untuned) or "
+                   "--to trt (default gpu-trt-fp16)")
     x.add_argument("--score-thresh", type=float, default=None, help="default: the model's")
     x.add_argument("--iou", type=float, default=None, help="NMS IoU (default: the model's)")
     x.add_argument("--max-det", type=int, default=None, help="default: the model's")
-    x.add_argument("--force", action="store_true", help="overwrite an existing file")
+    x.add_argument("--force", action="store_true", help="overwrite an existing file (or "
+                   "deployed folder)")
+    x.add_argument("--quiet", action="store_true", help="no tuning progress (--to tvm)")
     x.add_argument("--json", action="store_true")
 
     g = dsub.add_parser("data", help="generate shapes-det (COCO format) into a folder")
@@ -143,54 +159,113 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
+    import contextlib
+
     from hwnas.detection.data import load_coco, resolve_data
     from hwnas.detection.evaluate import evaluate
     from hwnas.detection.train import load_detector
 
-    if args.ckpt is None and args.onnx is None:
-        raise UserError("give --ckpt FILE, --onnx FILE, or both (to compare them)")
-    det, meta, size = None, {}, args.image_size
-    if args.ckpt is not None:
-        det, meta = load_detector(args.ckpt)
-        size = size or det.cfg.image_size
-    else:
-        from hwnas.export import load_onnx, onnx_input_shape
-        size = size or onnx_input_shape(load_onnx(args.onnx))[2]
-    spec = args.data or meta.get("config", {}).get("data")
-    if spec is None:
-        raise UserError("--onnx needs --data (shapes-det or a COCO-format folder)")
-    split = load_coco(resolve_data(spec), args.split, size)
-    if meta and list(split.cat_ids) != list(meta["cat_ids"]):
-        raise UserError(f"the data's categories {split.cat_ids} are not the checkpoint's "
-                        f"{meta['cat_ids']}; evaluate on data with the same categories")
-    if det is not None and args.onnx is not None:
-        from hwnas.detection.export import parity
+    if args.onnx is not None and args.deployed is not None:
+        raise UserError("give --onnx FILE or --deployed DIR, not both")
+    if args.ckpt is None and args.onnx is None and args.deployed is None:
+        raise UserError("give --ckpt FILE, --onnx FILE, or both (to compare them); or "
+                        "--deployed DIR, with --ckpt to compare them")
+    with contextlib.ExitStack() as stack:
+        det, meta, size, runner = None, {}, args.image_size, None
+        if args.ckpt is not None:
+            det, meta = load_detector(args.ckpt)
+            size = size or det.cfg.image_size
+        if args.deployed is not None:
+            from hwnas.detection.deploy import DeployedDetectorRunner
 
+            runner = stack.enter_context(DeployedDetectorRunner(args.deployed))
+            deployed_size = runner.inputs[0].shape[2]
+            if det is not None and deployed_size != det.cfg.image_size:
+                raise UserError(f"{args.deployed} takes {deployed_size} px images, the checkpoint "
+                                f"{det.cfg.image_size} px; compare a folder exported from it")
+            size = size or deployed_size
+            meta = meta or {"config": {"data": runner.manifest.get("data")}}
+        elif det is None:
+            from hwnas.export import load_onnx, onnx_input_shape
+            size = size or onnx_input_shape(load_onnx(args.onnx))[2]
+        spec = args.data or meta.get("config", {}).get("data")
+        if spec is None:
+            raise UserError("--onnx needs --data (shapes-det or a COCO-format folder)")
+        split = load_coco(resolve_data(spec), args.split, size)
+        for source, ids in ((args.ckpt, meta.get("cat_ids")),
+                            (args.deployed, runner.manifest["cat_ids"] if runner else None)):
+            if ids is not None and list(split.cat_ids) != list(ids):
+                raise UserError(f"the data's categories {split.cat_ids} are not those of "
+                                f"{source} ({ids}); evaluate on data with the same categories")
+        if det is not None and (args.onnx is not None or runner is not None):
+            _parity(args, det, split, runner)
+            return
+        m = evaluate(split, det=det, onnx=args.onnx, runner=runner)
+        m.update({"split": args.split, "model": str(args.ckpt or args.onnx or args.deployed)})
+        if runner is not None:
+            m.update({"target": runner.target, "device": runner.device.name})
+        _emit(args, m, " ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
+                                                             "APl")) + f" ({m['images']} images)")
+
+
+def _parity(args, det, split, runner) -> None:
+    """Torch vs the ONNX file or the deployed folder, image by image (`parity`)."""
+    from hwnas.detection.export import parity
+
+    if runner is None:
         p = parity(det, args.onnx, split)
-        p.update({"split": args.split, "ckpt_path": str(args.ckpt), "onnx_path": str(args.onnx)})
-        _emit(args, p, f"{p['images_ok']}/{p['images']} images agree ({p['matched']}/"
-              f"{p['detections_torch']} torch detections matched, max box rel err "
-              f"{p['max_box_rel_err']:.2e}); AP torch {p['torch']['AP']:.4f} onnx "
-              f"{p['onnx']['AP']:.4f}")
-        return
-    m = evaluate(split, det=det, onnx=args.onnx)
-    m.update({"split": args.split, "model": str(args.ckpt or args.onnx)})
-    _emit(args, m, " ".join(f"{k} {m[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm",
-                                                         "APl")) + f" ({m['images']} images)")
+        p.update({"split": args.split, "ckpt_path": str(args.ckpt),
+                  "onnx_path": str(args.onnx)})
+        label, name = "onnx", "onnx"
+    else:
+        from hwnas.detection.deploy import parity_tolerance, with_thresholds
+        from hwnas.fileio import sha256_file
+
+        p = parity(with_thresholds(det, runner.manifest), runner, split,
+                   rel_tol=parity_tolerance(runner.manifest), label="deployed")
+        made_from = (runner.manifest.get("checkpoint") or {}).get("sha256")
+        p.update({"split": args.split, "ckpt_path": str(args.ckpt),
+                  "deployed_path": str(args.deployed), "target": runner.target,
+                  "device": runner.device.name,
+                  "exported_from_this_ckpt": made_from == sha256_file(args.ckpt)})
+        label, name = "deployed", f"{runner.target} ({runner.device.name})"
+    _emit(args, p, f"{p['images_ok']}/{p['images']} images agree ({p['matched']}/"
+          f"{p['detections_torch']} torch detections matched, max box rel err "
+          f"{p['max_box_rel_err']:.2e}); AP torch {p['torch']['AP']:.4f} {name} "
+          f"{p[label]['AP']:.4f}")
 
 
 def _export(args) -> None:
-    from hwnas.detection.export import export_detector
     from hwnas.detection.train import load_detector
 
-    if args.output.exists() and not args.force:
-        raise UserError(f"{args.output} exists; pass --force to overwrite it")
+    if args.to == "onnx":
+        from hwnas.detection.export import export_detector
+
+        if args.device is not None:
+            raise UserError("--device is for --to tvm or --to trt; the ONNX file runs anywhere")
+        if args.output.exists() and not args.force:
+            raise UserError(f"{args.output} exists; pass --force to overwrite it")
+        det, meta = load_detector(args.ckpt)
+        res = export_detector(det, args.output, score_thresh=args.score_thresh, iou=args.iou,
+                              max_det=args.max_det)
+        res["classes"], res["cat_ids"] = meta["classes"], meta["cat_ids"]
+        _emit(args, res, f"wrote {res['path']} ({res['nms_nodes']} NonMaxSuppression node, "
+              f"max_det {res['max_det']}, input {res['input_shape']})")
+        return
+    from hwnas.detection import deploy
+
+    device = deploy.resolve_device(args.to, args.device)
+    deploy.check_output(args.output, args.force)
+    deploy.check_available(args.to, device)
     det, meta = load_detector(args.ckpt)
-    res = export_detector(det, args.output, score_thresh=args.score_thresh, iou=args.iou,
-                          max_det=args.max_det)
-    res["classes"], res["cat_ids"] = meta["classes"], meta["cat_ids"]
-    _emit(args, res, f"wrote {res['path']} ({res['nms_nodes']} NonMaxSuppression node, "
-          f"max_det {res['max_det']}, input {res['input_shape']})")
+    m = deploy.export_deployed(args.to, det, meta, args.output, device,
+                               score_thresh=args.score_thresh, iou=args.iou,
+                               max_det=args.max_det, checkpoint=args.ckpt,
+                               progress=not args.quiet)
+    stages = " → ".join(f"{s['file']} ({s['runtime']})" for s in m["stages"])
+    _emit(args, {"path": str(args.output), **m},
+          f"wrote {args.output}/ for {device.name}: {stages}, max_det {m['max_det']}, input "
+          f"{m['input']['shape']}")
 
 
 def _data(args) -> None:

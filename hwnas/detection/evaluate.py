@@ -1,4 +1,5 @@
-"""COCO metrics (pycocotools) of a torch detector or of a deployable ONNX file on one split.
+"""COCO metrics (pycocotools) of a torch detector, of a deployable ONNX file, or of any runner with
+the deployable contract (a deployed TVM or TensorRT folder, `hwnas.detection.deploy`) on one split.
 
 Detections are mapped from network-input pixels back to the original image by the letterbox
 scale (data.py), converted to COCO's ``[x, y, w, h]`` and category ids, and scored against the
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hwnas.backends.base import Runner
 from hwnas.detection.data import CocoSplit
 from hwnas.detection.model import Detector
 
@@ -71,37 +73,63 @@ def detect_torch(det: Detector, split: CocoSplit, batch_size: int = 32,
     return out
 
 
-def detect_onnx(path: str | Path, split: CocoSplit, limit: int | None = None,
-                threads: int = 1) -> list[Detections]:
-    """The deployable ONNX file's detections (its first `num_dets` rows) per image."""
-    import onnxruntime as ort
-
-    from hwnas.export import load_onnx, onnx_input_shape
-
-    shape = onnx_input_shape(load_onnx(path))
-    if shape[2:] != (split.image_size, split.image_size):
+def detect_runner(runner: Runner, split: CocoSplit, limit: int | None = None,
+                  name: str = "the model") -> list[Detections]:
+    """Detections (the first `num_dets` rows) per image of a runner with the deployable
+    detector's contract: one input [1, 3, S, S], outputs boxes, scores, labels, num_dets in
+    that order (the deployable ONNX in onnxruntime, a deployed TVM or TensorRT folder)."""
+    (spec,) = runner.inputs
+    if spec.shape[2:] != (split.image_size, split.image_size):
         from hwnas.errors import UserError
-        raise UserError(f"{path} takes {shape[2]}×{shape[3]} inputs, the data are letterboxed "
-                        f"to {split.image_size}; evaluate at the model's image size")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+        raise UserError(f"{name} takes {spec.shape[2]}×{spec.shape[3]} inputs, the data are "
+                        f"letterboxed to {split.image_size}; evaluate at the model's image size")
     n = len(split) if limit is None else min(limit, len(split))
     out: list[Detections] = []
     for i in range(n):
         x, _ = split.batch([i])
-        boxes, scores, labels, num = sess.run(["boxes", "scores", "labels", "num_dets"],
-                                              {name: x.numpy()})
+        boxes, scores, labels, num = runner.run({spec.name: x.numpy()})[:4]
         k = int(num[0])
-        out.append({"boxes": boxes[0, :k], "scores": scores[0, :k], "labels": labels[0, :k]})
+        out.append({"boxes": boxes[0, :k].copy(), "scores": scores[0, :k].copy(),
+                    "labels": labels[0, :k].copy()})
     return out
 
 
+def onnx_runner(path: str | Path, threads: int = 1) -> Runner:
+    """The deployable ONNX file in onnxruntime (CPU, fp32, `threads` intra-op threads), checked
+    to have the deployable outputs in order."""
+    from hwnas.backends.ort import OrtRunner
+    from hwnas.detection.export import OUTPUTS
+    from hwnas.devices import Device
+    from hwnas.errors import UserError
+    from hwnas.export import load_onnx
+
+    load_onnx(path)  # a missing or unreadable file is a UserError naming it
+    runner = OrtRunner(path, Device("onnxruntime-cpu", "onnxruntime", "fp32", threads))
+    names = [o.name for o in runner.session.get_outputs()]
+    if names[:4] != OUTPUTS:
+        runner.close()
+        raise UserError(f"{path} has outputs {names}, not a deployable detector's {OUTPUTS}; "
+                        "export one with `hwnas detect export`")
+    return runner
+
+
+def detect_onnx(path: str | Path, split: CocoSplit, limit: int | None = None,
+                threads: int = 1) -> list[Detections]:
+    """The deployable ONNX file's detections (its first `num_dets` rows) per image."""
+    with onnx_runner(path, threads) as runner:
+        return detect_runner(runner, split, limit, name=str(path))
+
+
 def evaluate(split: CocoSplit, det: Detector | None = None, onnx: str | Path | None = None,
-             ) -> dict[str, float]:
-    """COCO metrics of the torch detector `det` or of the ONNX file `onnx` on `split`."""
-    dets = detect_torch(det, split) if det is not None else detect_onnx(onnx, split)
+             runner: Runner | None = None) -> dict[str, float]:
+    """COCO metrics of the torch detector `det`, of the ONNX file `onnx` or of a `runner` with
+    the deployable contract (`detect_runner`) on `split`."""
+    if det is not None:
+        dets = detect_torch(det, split)
+    elif runner is not None:
+        dets = detect_runner(runner, split)
+    else:
+        dets = detect_onnx(onnx, split)
     metrics = coco_metrics(split, dets)
     metrics["images"] = len(split)
     metrics["detections"] = int(sum(len(d["scores"]) for d in dets))

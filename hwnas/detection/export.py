@@ -223,22 +223,29 @@ def compare_detections(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
             "score_abs_err": score_err, "ok": bool(ok)}
 
 
-def parity(det: Detector, onnx_path: str | Path, split, limit: int | None = None) -> dict:
-    """onnxruntime vs torch `postprocess` on the first `limit` images of `split` (all by
-    default): per-image `compare_detections`, summed up, and both COCO metric dicts."""
-    from hwnas.detection.evaluate import coco_metrics, detect_onnx, detect_torch
+def parity(det: Detector, model, split, limit: int | None = None, rel_tol: float = 1e-3,
+           label: str = "onnx") -> dict:
+    """`model` (a deployable ONNX path, run by onnxruntime, or a `Runner` with the deployable
+    contract: a deployed TVM or TensorRT folder) vs torch `postprocess` on the first `limit`
+    images of `split` (all by default): per-image `compare_detections` at `rel_tol`, summed up,
+    and both COCO metric dicts (`label` names the model's entries)."""
+    from hwnas.backends.base import Runner
+    from hwnas.detection.evaluate import coco_metrics, detect_onnx, detect_runner, detect_torch
 
-    ours, theirs = detect_onnx(onnx_path, split, limit), detect_torch(det, split, limit=limit)
-    per = [compare_detections(a, b) for a, b in zip(ours, theirs)]
+    ours = (detect_runner(model, split, limit) if isinstance(model, Runner)
+            else detect_onnx(model, split, limit))
+    theirs = detect_torch(det, split, limit=limit)
+    per = [compare_detections(a, b, rel_tol=rel_tol) for a, b in zip(ours, theirs)]
     full = limit is None or limit >= len(split)
     return {"images": len(per),
             "images_with_detections": sum(p["count_b"] > 0 for p in per),
             "images_ok": sum(p["ok"] for p in per),
             "detections_torch": sum(p["count_b"] for p in per),
-            "detections_onnx": sum(p["count_a"] for p in per),
+            f"detections_{label}": sum(p["count_a"] for p in per),
             "matched": sum(p["matched"] for p in per),
             "max_box_rel_err": max((p["box_rel_err"] for p in per), default=0.0),
             "max_score_abs_err": max((p["score_abs_err"] for p in per), default=0.0),
+            "rel_tol": rel_tol,
             "ok": all(p["ok"] for p in per),
             "torch": coco_metrics(split, theirs) if full else None,
-            "onnx": coco_metrics(split, ours) if full else None}
+            label: coco_metrics(split, ours) if full else None}
