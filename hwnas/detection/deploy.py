@@ -71,7 +71,8 @@ import torch
 from torch import nn
 
 from hwnas.backends.base import Runner, TensorSpec
-from hwnas.detection.export import OUTPUTS, StaticPost, export_detector, nms_nodes
+from hwnas.detection.export import (OUTPUTS, StaticPost, deploy_thresholds, export_detector,
+                                    nms_nodes)
 from hwnas.detection.model import Detector
 from hwnas.devices import Device, load_device
 from hwnas.errors import UserError
@@ -188,16 +189,6 @@ def _replacing(out: Path):
 
 
 # ---- export -------------------------------------------------------------------------------------
-def _thresholds(det: Detector, score_thresh, iou, max_det) -> tuple[float, float, int]:
-    score_thresh = det.cfg.score_thresh if score_thresh is None else score_thresh
-    iou = det.cfg.nms_thresh if iou is None else iou
-    max_det = det.cfg.max_det if max_det is None else max_det
-    if not (0 <= score_thresh < 1 and 0 < iou <= 1 and max_det > 0):
-        raise UserError(f"need 0 ≤ --score-thresh < 1, 0 < --iou ≤ 1 and --max-det > 0 (got "
-                        f"{score_thresh}, {iou}, {max_det})")
-    return float(score_thresh), float(iou), int(max_det)
-
-
 def _manifest(to: str, device: Device, det: Detector, meta: dict, thresholds, files: Path,
               stages: list[dict], extra: dict) -> dict:
     from hwnas.hosts import host_id
@@ -346,7 +337,7 @@ def export_deployed(to: str, det: Detector, meta: dict, out: Path, device: Devic
     """The deployed folder for ``--to tvm|trt`` (`resolve_device`, `check_available` and
     `check_output` have passed); its manifest. `checkpoint` (the file `det` and `meta` came
     from) is recorded by path and SHA-256."""
-    thresholds = _thresholds(det, score_thresh, iou, max_det)
+    thresholds = deploy_thresholds(det, score_thresh, iou, max_det)
     meta = dict(meta)
     if checkpoint is not None:
         meta["checkpoint"] = {"path": str(checkpoint), "sha256": sha256_file(Path(checkpoint))}

@@ -158,9 +158,10 @@ def nms_nodes(path: str | Path) -> int:
     return sum(n.op_type == "NonMaxSuppression" for n in onnx.load(str(path)).graph.node)
 
 
-def export_detector(det: Detector, path: str | Path, score_thresh: float | None = None,
-                    iou: float | None = None, max_det: int | None = None) -> dict:
-    """Write the deployable ONNX (module docstring) through `hwnas.export.export_onnx`."""
+def deploy_thresholds(det: Detector, score_thresh: float | None, iou: float | None,
+                      max_det: int | None) -> tuple[float, float, int]:
+    """The post-processing settings of a deployment: each given one, else the model's; a
+    `UserError` (exit 2) for values out of range."""
     from hwnas.errors import UserError
 
     score_thresh = det.cfg.score_thresh if score_thresh is None else score_thresh
@@ -169,6 +170,13 @@ def export_detector(det: Detector, path: str | Path, score_thresh: float | None 
     if not (0 <= score_thresh < 1 and 0 < iou <= 1 and max_det > 0):
         raise UserError(f"need 0 ≤ --score-thresh < 1, 0 < --iou ≤ 1 and --max-det > 0 (got "
                         f"{score_thresh}, {iou}, {max_det})")
+    return float(score_thresh), float(iou), int(max_det)
+
+
+def export_detector(det: Detector, path: str | Path, score_thresh: float | None = None,
+                    iou: float | None = None, max_det: int | None = None) -> dict:
+    """Write the deployable ONNX (module docstring) through `hwnas.export.export_onnx`."""
+    score_thresh, iou, max_det = deploy_thresholds(det, score_thresh, iou, max_det)
     s = det.cfg.image_size
     module = DeployableDetector(det, score_thresh, iou, max_det)
     path = export_onnx(module, (1, 3, s, s), path, output_names=OUTPUTS)
