@@ -616,6 +616,7 @@ def cmd_demo(args) -> None:
                               protocol=_protocol(args), progress=not args.quiet,
                               canary=args.canary))
     v, p = res["validation"], res["pick"]
+    vf = v["canary_corrected"] if args.canary == "correct" and v["canary_corrected"] else v
     drift = res["drift"]
     lines = [f"1. profile: {res['profile']['table']} ({res['profile']['rows']} ops, "
              f"{res['profile']['measured_ops']} measured now; host {res['host']})",
@@ -624,7 +625,8 @@ def cmd_demo(args) -> None:
                               + ("; prices corrected by it" if args.canary == "correct" else "")
                               if drift else "not timed (--canary off)"),
              f"2. validate: {v['n']} held-out candidates, mean |error| "
-             f"{v['mean_abs_err_pct']:.2f}%, {100 * v['within_10pct']:.0f}% within ±10%",
+             f"{vf['mean_abs_err_pct']:.2f}%, {100 * vf['within_10pct']:.0f}% within ±10%"
+             + (" (drift-corrected; timed with the references)" if vf is not v else ""),
              f"3. pick under {p['budget_ms']} ms (most MACs among the sample): {p['arch']} "
              f"({p['macs_m']} M MACs, predicted {p['predicted_ms']:.3f} ms)",
              f"4. export + measure: {p['onnx']} measured {p['measured_ms']:.3f} ms "
@@ -632,7 +634,7 @@ def cmd_demo(args) -> None:
              f"{p['onnx_max_rel_err_vs_torch']:.1e})",
              f"   budget {p['budget_ms']} ms {'KEPT' if p['keeps_budget'] else 'MISSED'} "
              f"(tolerance: noise floor {p['tolerance_pct']:.2f}%; the host ran "
-             f"{p['host_shift_pct']:+.1f}% vs when priced, by the canary timed with the pick; "
+             f"{p['host_shift_pct']:+.1f}% vs when priced, by the references timed with the pick; "
              f"without that allowance: {'kept' if p['keeps_budget_raw'] else 'missed'})",
              f"   results in {res['out']}"]
     _emit(args, res, lines)

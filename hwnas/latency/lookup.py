@@ -65,6 +65,12 @@ class Drift:
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "drift_pct": 100 * (self.ratio - 1)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Drift":
+        return cls(d["canary"], float(d["table_ms"]), float(d["now_ms"]), d["table_measured"],
+                   d["now_measured"], {k: [float(a), float(b)] for k, (a, b)
+                                       in (d.get("refs") or {}).items()})
+
     def line(self) -> str:
         return (f"canary {self.canary}: {self.table_ms:.3f} ms in the table "
                 f"({self.table_measured}), {self.now_ms:.3f} ms now; host drift "
