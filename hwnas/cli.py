@@ -620,8 +620,9 @@ def cmd_demo(args) -> None:
     drift = res["drift"]
     lines = [f"1. profile: {res['profile']['table']} ({res['profile']['rows']} ops, "
              f"{res['profile']['measured_ops']} measured now; host {res['host']})",
-             "   canary: " + (f"host drift {drift['drift_pct']:+.1f}% since the table "
-                              f"({drift['table_ms']:.3f} → {drift['now_ms']:.3f} ms)"
+             "   canary: " + (f"host drift {drift['drift_pct']:+.1f}% since the table (median "
+                              f"of {max(len(drift.get('refs') or {}), 1)} reference candidates; "
+                              f"the canary {drift['table_ms']:.3f} → {drift['now_ms']:.3f} ms)"
                               + ("; prices corrected by it" if args.canary == "correct" else "")
                               if drift else "not timed (--canary off)"),
              f"2. validate: {v['n']} held-out candidates, mean |error| "
