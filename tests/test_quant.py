@@ -438,3 +438,7 @@ def test_timing_runs_every_file_as_its_assignment_says(int8, ps, mixed_tables, t
                                   tmp_path, progress=False)
     assert seen[str(fp32)] == "fp32" and seen[str(q)] == "int8"
     assert set(measured) == {"ffffff", "fiifff"} and set(record["ratio"]) == set(measured)
+    # the drift is the median over the table's reference assignments, the canary first
+    refs = record["drift"]["refs"]
+    assert list(refs)[0] == "assign:ffffff" and len(refs) == 5
+    assert all(r.startswith("assign:") for r in refs)

@@ -92,7 +92,11 @@ def references(table: LatencyTable, k: int = DRIFT_REFS) -> dict[str, float]:
     c = canary_of(table)
     refs = {c["arch"]: float(c["latency_ms"])}
     cal = table.meta.get("calibration") or {}
-    for arch, ms in zip(cal.get("archs") or (), cal.get("measured_ms") or ()):
+    names = cal.get("archs")
+    if not names and cal.get("assignments"):  # a mixed-precision table: named as its canary is
+        prefix = c["arch"].rpartition(":")[0] + ":"
+        names = [prefix + a for a in cal["assignments"]]
+    for arch, ms in zip(names or (), cal.get("measured_ms") or ()):
         if len(refs) >= k:
             break
         refs.setdefault(arch, float(ms))

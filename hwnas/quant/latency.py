@@ -474,18 +474,19 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
                    group: int = 25, progress: bool = True, require_quiet: bool = False,
                    whole: WholeModels = WholeModels()):
     """Measure `n` held-out random assignments (stratified, seeded, none of the calibration's),
-    `group` at a time interleaved with the canary; write ``<out_prefix>.validation.{csv,png}``;
+    `group` at a time interleaved with the table's reference assignments (the canary first:
+    `hwnas.latency.lookup.references`); write ``<out_prefix>.validation.{csv,png}``;
     a `hwnas.latency.validate.ValidationReport`."""
-    from hwnas.latency.lookup import drift_from
+    from hwnas.latency.lookup import drift_from, references
     from hwnas.latency.validate import ValidationReport, metrics, noise_floor_pct, scatter_plot
 
     ps, table = pred.ps, pred.table
     cal = table.meta.get("calibration") or {}
     exclude = set(cal.get("assignments", [])) | {ps.text(ps.canary())}
+    refs = list(references(table))  # the canary and the next calibration assignments
     assigns = ps.sample_stratified(n, np.random.default_rng(seed), exclude)
     predicted = pred.predict_many(assigns)
     measured, ratio = np.zeros(len(assigns)), np.ones(len(assigns))
-    canary = assign_label(ps, ps.canary())
     parts, canary_now = [], []
     bar = tqdm(total=len(assigns), desc="validating", unit="assignment", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -493,9 +494,9 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
         builder = Builder(ps, device, Path(tmp), whole)
         for start in range(0, len(assigns), group):
             chunk = [assign_label(ps, a) for a in assigns[start:start + group]]
-            got = measure_runners(chunk + [canary], builder, protocol, progress=False)
+            got = measure_runners(chunk + refs, builder, protocol, progress=False)
             measured[start:start + len(chunk)] = [got.stats[lb].best_ms for lb in chunk]
-            now = got.stats[canary].best_ms
+            now = {r: got.stats[r].best_ms for r in refs}
             canary_now.append(now)
             ratio[start:start + len(chunk)] = drift_from(table, now).ratio
             parts.append(got.contention)
@@ -514,7 +515,8 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
     png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
     atomic_write_text(csv_path, buf.getvalue())
-    drift = drift_from(table, float(np.median(canary_now))).to_dict()
+    drift = drift_from(table, {r: float(np.median([c[r] for c in canary_now]))
+                               for r in refs}).to_dict()
     from hwnas.latency.validate import _age_h
 
     report = ValidationReport(

@@ -322,15 +322,17 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
                protocol: Protocol, workdir: Path, group: int = 60, progress: bool = True,
                whole: WholeModels = WholeModels()) -> tuple[dict[str, float], dict]:
     """Time the QDQ `files` (assignment text → file) with the protocol on `whole.feed`, `group`
-    at a time interleaved with the table's canary (the all-fp32 assignment, built as `whole`
-    says); their latencies and a record of the host's contention and drift (``ratio`` per
-    file: its group's canary now / in the table)."""
+    at a time interleaved with the table's reference assignments (the canary, the all-fp32
+    assignment, first; built as `whole` says); their latencies and a record of the host's
+    contention and drift (``ratio`` per file: its group's references now / in the table)."""
     from hwnas.backends import compile_model
-    from hwnas.latency.lookup import drift_from
+    from hwnas.latency.lookup import drift_from, references
     from hwnas.measure import Contention
     from hwnas.quant.latency import Builder, SameFeed
 
-    canary = assign_label(ps, ps.canary())
+    has_canary = bool(pred.table.meta.get("canary"))
+    # the table's reference assignments (the canary first), or the canary alone without one
+    refs = list(references(pred.table)) if has_canary else [assign_label(ps, ps.canary())]
     builder = Builder(ps, device, Path(workdir), whole)
 
     def open_runner(label: str):
@@ -346,21 +348,21 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     measured: dict[str, float] = {}
     ratios: dict[str, float] = {}
     parts, now = [], []
-    has_canary = bool(pred.table.meta.get("canary"))
     for start in range(0, len(texts), group):
         chunk = [f"file:{t}" for t in texts[start:start + group]]
-        got = measure_runners(chunk + [canary], open_runner, protocol,
+        got = measure_runners(chunk + refs, open_runner, protocol,
                               desc=f"timing {start + len(chunk)}/{len(texts)}", progress=progress)
         measured.update({lb[5:]: got.stats[lb].best_ms for lb in chunk})
         parts.append(got.contention)
-        now.append(got.stats[canary].best_ms)
+        now.append({r: got.stats[r].best_ms for r in refs})
         if has_canary:
             r = drift_from(pred.table, now[-1]).ratio
             ratios.update({lb[5:]: r for lb in chunk})
     record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts),
                     "whole_models": whole.what}
     if has_canary:
-        record["drift"] = drift_from(pred.table, float(np.median(now))).to_dict()
+        record["drift"] = drift_from(pred.table, {r: float(np.median([n[r] for n in now]))
+                                                  for r in refs}).to_dict()
         record["ratio"] = ratios
     return measured, record
 
