@@ -311,6 +311,14 @@ def test_cli_train_eval_export(data, tmp_path, capsys):
     run_cli("detect", "eval", "--ckpt", str(ck), "--onnx", str(onnx), "--json")
     p = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert p["images"] == 6 and p["ok"], p
+    # a file exported with its own max-det is compared at it (the file records its settings)
+    run_cli("detect", "export", "--ckpt", str(ck), "-o", str(onnx), "--max-det", "3", "--force")
+    capsys.readouterr()
+    from hwnas.detection.export import read_thresholds
+    assert read_thresholds(onnx)["max_det"] == 3
+    run_cli("detect", "eval", "--ckpt", str(ck), "--onnx", str(onnx), "--json")
+    q = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert q["ok"] and 0 < q["detections_torch"] <= 3 * 6, q
     assert abs(p["torch"]["AP"] - p["onnx"]["AP"]) <= 0.001
     with pytest.raises(UserError, match="give --ckpt FILE, --onnx FILE, or both"):
         run_cli("detect", "eval")

@@ -213,7 +213,11 @@ def _parity(args, det, split, runner) -> None:
     from hwnas.detection.export import parity
 
     if runner is None:
-        p = parity(det, args.onnx, split)
+        from hwnas.detection.deploy import with_thresholds
+        from hwnas.detection.export import read_thresholds
+
+        baked = read_thresholds(args.onnx)  # the file's own settings, where it records them
+        p = parity(with_thresholds(det, baked) if baked else det, args.onnx, split)
         p.update({"split": args.split, "ckpt_path": str(args.ckpt),
                   "onnx_path": str(args.onnx)})
         label, name = "onnx", "onnx"
