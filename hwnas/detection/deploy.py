@@ -63,14 +63,13 @@ import os
 import secrets
 import shutil
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from hwnas.backends.base import Runner, TensorSpec
+from hwnas.backends.base import Runner, TensorSpec, package_version
 from hwnas.detection.export import (OUTPUTS, StaticPost, deploy_thresholds, export_detector,
                                     nms_nodes)
 from hwnas.detection.model import Detector
@@ -252,7 +251,7 @@ def export_tvm(det: Detector, meta: dict, out: Path, device: Device, thresholds,
                   {"name": "post", "runtime": "onnxruntime", "file": "post.onnx",
                    "inputs": DENSE_OUTPUTS, "outputs": OUTPUTS}]
         manifest = _manifest("tvm", device, det, meta, thresholds, tmp, stages,
-                             {"tvm_version": _version("apache-tvm"), "dense_check": check})
+                             {"tvm_version": package_version("apache-tvm"), "dense_check": check})
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -308,26 +307,14 @@ def _check_engine(folder: Path, device: Device) -> dict:
     the precision's tolerance (`compare_detections`). Recorded, not enforced: at fp16 or int8 a
     score at the threshold or an IoU at the NMS bound may flip a detection without any bug;
     `hwnas detect eval --ckpt C --deployed DIR` is the parity that counts."""
-    from hwnas.compare import TOLERANCES
+    from hwnas.compare import TOLERANCES, as_detections
     from hwnas.detection.evaluate import onnx_runner
     from hwnas.detection.export import compare_detections
 
     with onnx_runner(folder / "detector.onnx") as ref, _TrtStage(folder, device) as eng:
         feed = ref.random_feed(np.random.default_rng(0))
-        a, b = (_first(r.run(feed)) for r in (eng, ref))
+        a, b = (as_detections(r.run(feed)) for r in (eng, ref))
     return compare_detections(a, b, rel_tol=TOLERANCES[device.precision])
-
-
-def _first(outs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    k = int(outs[3][0])
-    return {"boxes": outs[0][0, :k], "scores": outs[1][0, :k], "labels": outs[2][0, :k]}
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def export_deployed(to: str, det: Detector, meta: dict, out: Path, device: Device,
@@ -427,7 +414,7 @@ class DeployedDetectorRunner(Runner):
         from hwnas.backends.tvm import TvmRunner
         from hwnas.devices import cpu_isa
 
-        have, built = _version("apache-tvm"), self.manifest.get("tvm_version")
+        have, built = package_version("apache-tvm"), self.manifest.get("tvm_version")
         if have is None:
             raise UserError(f"{self.folder} runs on TVM; apache-tvm is not installed here "
                             "(pip install -e .[tvm])")

@@ -78,6 +78,8 @@ def detect_runner(runner: Runner, split: CocoSplit, limit: int | None = None,
     """Detections (the first `num_dets` rows) per image of a runner with the deployable
     detector's contract: one input [1, 3, S, S], outputs boxes, scores, labels, num_dets in
     that order (the deployable ONNX in onnxruntime, a deployed TVM or TensorRT folder)."""
+    from hwnas.compare import as_detections
+
     (spec,) = runner.inputs
     if spec.shape[2:] != (split.image_size, split.image_size):
         from hwnas.errors import UserError
@@ -87,10 +89,8 @@ def detect_runner(runner: Runner, split: CocoSplit, limit: int | None = None,
     out: list[Detections] = []
     for i in range(n):
         x, _ = split.batch([i])
-        boxes, scores, labels, num = runner.run({spec.name: x.numpy()})[:4]
-        k = int(num[0])
-        out.append({"boxes": boxes[0, :k].copy(), "scores": scores[0, :k].copy(),
-                    "labels": labels[0, :k].copy()})
+        dets = as_detections(runner.run({spec.name: x.numpy()})[:4])
+        out.append({k: v.copy() for k, v in dets.items()})
     return out
 
 
