@@ -42,11 +42,13 @@ default_input_names = input_names  # for `export_onnx`, whose argument of that n
 
 def export_onnx(module: nn.Module, input_shape: Shape | tuple[Shape, ...], path: str | Path,
                 output_names: list[str] | None = None,
-                input_names: list[str] | None = None) -> Path:
+                input_names: list[str] | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write `module` (eval mode, fixed `input_shape`, or a tuple of shapes for a module of
     several inputs) to `path` atomically and check it. Inputs are named ``input``,
     ``input1``, … (`default_input_names`) unless `input_names` names them (a deployment stage
-    whose inputs are another stage's outputs).
+    whose inputs are another stage's outputs). `metadata` goes into the file's
+    ``metadata_props``.
 
     The file appears only once complete and valid (`onnx.checker`); an existing file at `path`
     is replaced only then.
@@ -66,6 +68,11 @@ def export_onnx(module: nn.Module, input_shape: Shape | tuple[Shape, ...], path:
                 torch.onnx.export(module, xs, str(tmp), dynamo=False, **kwargs)
             except TypeError:  # a torch without the legacy path
                 torch.onnx.export(module, xs, str(tmp), **kwargs)
+        if metadata:
+            model = onnx.load(str(tmp))
+            for k, v in metadata.items():
+                model.metadata_props.add(key=k, value=str(v))
+            onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
 

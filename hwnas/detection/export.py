@@ -173,23 +173,13 @@ def deploy_thresholds(det: Detector, score_thresh: float | None, iou: float | No
     return float(score_thresh), float(iou), int(max_det)
 
 
-THRESHOLD_KEYS = ("score_thresh", "iou", "max_det")  # in the ONNX file's metadata_props
-
-
-def write_thresholds(path: str | Path, score_thresh: float, iou: float, max_det: int) -> None:
-    """Record the post-processing settings baked into the deployable ONNX at `path` in its
-    metadata (``hwnas.score_thresh`` …), so a comparison with torch can use the same ones."""
-    from hwnas.fileio import atomic_path
-
-    model = onnx.load(str(path))
-    for k, v in zip(THRESHOLD_KEYS, (score_thresh, iou, max_det)):
-        model.metadata_props.add(key=f"hwnas.{k}", value=str(v))
-    with atomic_path(Path(path), ".onnx") as tmp:
-        onnx.save(model, str(tmp))
+THRESHOLD_KEYS = ("score_thresh", "iou", "max_det")  # in the ONNX file's metadata_props, as
+# hwnas.<key>: the post-processing settings baked into the deployable ONNX, so a comparison with
+# torch can use the same ones
 
 
 def read_thresholds(path: str | Path) -> dict | None:
-    """The settings `write_thresholds` recorded (None for a file without them)."""
+    """The settings `export_detector` recorded in the file (None for a file without them)."""
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
              .metadata_props}
     if not all(f"hwnas.{k}" in props for k in THRESHOLD_KEYS):
@@ -204,11 +194,12 @@ def export_detector(det: Detector, path: str | Path, score_thresh: float | None 
     score_thresh, iou, max_det = deploy_thresholds(det, score_thresh, iou, max_det)
     s = det.cfg.image_size
     module = DeployableDetector(det, score_thresh, iou, max_det)
-    path = export_onnx(module, (1, 3, s, s), path, output_names=OUTPUTS)
+    path = export_onnx(module, (1, 3, s, s), path, output_names=OUTPUTS,
+                       metadata={f"hwnas.{k}": v for k, v in
+                                 zip(THRESHOLD_KEYS, (score_thresh, iou, max_det))})
     count = nms_nodes(path)
     if count < 1:
         raise AssertionError(f"{path}: the exported graph has no NonMaxSuppression node")
-    write_thresholds(path, score_thresh, iou, max_det)
     return {"path": str(path), "nms_nodes": count, "input_shape": [1, 3, s, s],
             "outputs": {"boxes": [1, max_det, 4], "scores": [1, max_det],
                         "labels": [1, max_det], "num_dets": [1]},
