@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hwnas.backends import compile_model, compiled
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.export import check_export, export_onnx
-from hwnas.latency.lookup import CANARY_MODES, Drift, open_predictor
+from hwnas.latency.lookup import Drift, check_canary_mode, open_predictor
 from hwnas.latency.predict import LutPredictor
-from hwnas.backends import compile_model, compiled
 from hwnas.latency.profile import candidate_builder, measure_opened, profile
 from hwnas.latency.table import shape_text
 from hwnas.latency.validate import budget_verdict, validate
@@ -79,11 +79,11 @@ def pick_most_macs(predictor: LutPredictor, budget_ms: float | None, n: int, see
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """profile this host if it has no table (progress bar with ETA) → re-time the canary (the
-    host's drift since the table was made) → validate a few held-out candidates → pick under the
-    budget, priced with that drift → export, check against torch, measure it interleaved with
-    the canary against the budget. The verdict allows for the host's change between pricing and
-    measuring (the canary's ratio, `host_shift_pct`); `keeps_budget_raw` ignores it."""
+    """profile this host if it has no table (progress bar with ETA) → validate a few held-out
+    candidates, timed with the table's reference candidates (the host's drift since the table
+    was made) → pick under the budget, priced with that drift → export, check against torch,
+    measure it interleaved with the references against the budget. The verdict allows for the host's change between pricing and
+    measuring (the reference candidates' ratio, `host_shift_pct`); `keeps_budget_raw` ignores it."""
     from hwnas.latency.table import tables_dir
     from hwnas.runs import new_run_dir
 
@@ -91,8 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     root = cfg.tables or tables_dir()
     out = cfg.out or new_run_dir("demo", f"{device.name}-{space.name}")
     prof = profile(device, space, cfg.input_shape, root, cfg.protocol, progress=cfg.progress)
-    if cfg.canary not in CANARY_MODES:
-        raise UserError(f"--canary must be one of {', '.join(CANARY_MODES)}, not {cfg.canary!r}")
+    check_canary_mode(cfg.canary)
     predictor, _ = open_predictor(device, space, cfg.input_shape, root, protocol=cfg.protocol)
     if cfg.budget_ms is not None:  # before anything is measured
         predictor.require_feasible(cfg.budget_ms)
@@ -136,7 +135,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                  "error_pct": round((predicted / measured - 1) * 100, 2),
                  "onnx": str(onnx_path), "onnx_max_rel_err_vs_torch": check.rel_err,
                  "tolerance_pct": verdict["tolerance_pct"],
-                 "host_shift_pct": round((shift - 1) * 100, 2),
+                 "host_shift_pct": verdict["host_shift_pct"],
                  "keeps_budget": verdict["keeps_budget"],
                  "keeps_budget_raw": verdict["keeps_budget_raw"],
                  "contention": got.contention.to_dict()},

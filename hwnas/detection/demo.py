@@ -121,7 +121,7 @@ def run_detect_demo(cfg: DetDemoConfig) -> dict:
                  "parity": {k: par[k] for k in ("images", "images_ok", "matched",
                                                 "detections_torch", "max_box_rel_err")},
                  "tolerance_pct": verdict["tolerance_pct"],
-                 "host_shift_pct": round((shift - 1) * 100, 2),
+                 "host_shift_pct": verdict["host_shift_pct"],
                  "keeps_budget": verdict["keeps_budget"], "keeps_budget_raw": verdict["keeps_budget_raw"],
                  "contention": got.contention.to_dict()},
         "seed": cfg.seed,

@@ -114,6 +114,17 @@ def drift_from(table: LatencyTable, now: float | dict[str, float]) -> Drift:
                  now_iso(), refs)
 
 
+def drift_over(table: LatencyTable, groups: list[dict[str, float]]) -> Drift:
+    """The drift from references timed in several groups (label → ms each): every reference at
+    its median over the groups."""
+    return drift_from(table, {r: float(np.median([g[r] for g in groups])) for r in groups[0]})
+
+
+def check_canary_mode(mode: str) -> None:
+    if mode not in CANARY_MODES:
+        raise UserError(f"--canary must be one of {', '.join(CANARY_MODES)}, not {mode!r}")
+
+
 def time_canary(table: LatencyTable, device: Device, space: SearchSpace, shape: Shape,
                 protocol: Protocol = Protocol()) -> Drift:
     """Time the table's reference candidates now (one interleaved protocol measurement, a few
@@ -135,8 +146,7 @@ def open_predictor(device: str | Device, space: str | SearchSpace, shape: Shape 
     `host` forces another host's table (with a warning); `strict` refuses a fingerprint that
     differs in anything that matters; `canary` is off, report (time it, say the drift) or
     correct (and scale every prediction by it)."""
-    if canary not in CANARY_MODES:
-        raise UserError(f"--canary must be one of {', '.join(CANARY_MODES)}, not {canary!r}")
+    check_canary_mode(canary)
     device = load_device(device) if isinstance(device, str) else device
     space = get_space(space) if isinstance(space, str) else space
     shape = tuple(shape or space.default_input)

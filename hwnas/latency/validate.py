@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from hwnas.devices import Device
 from hwnas.fileio import atomic_path, atomic_write_text
-from hwnas.latency.lookup import drift_from, references
+from hwnas.latency.lookup import drift_from, drift_over, references
 from hwnas.latency.predict import LutPredictor
 from hwnas.latency.profile import candidate_builder, contention_check, measure_labelled
 from hwnas.latency.table import shape_text
@@ -176,8 +176,7 @@ def validate(predictor: LutPredictor, device: Device, n: int, seed: int, out_pre
     csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
     png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
     atomic_write_text(csv_path, buf.getvalue())
-    drift = (drift_from(table, {r: float(np.median([c[r] for c in canary_now])) for r in refs})
-             .to_dict() if canary_arch else None)
+    drift = drift_over(table, canary_now).to_dict() if canary_arch else None
     report = ValidationReport(
         device=device.name, host=table.host, table=str(table.path), space=space.name,
         input_shape=list(shape), n=len(archs), seed=seed, **metrics(predicted, measured),

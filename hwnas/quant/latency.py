@@ -477,7 +477,7 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     `group` at a time interleaved with the table's reference assignments (the canary first:
     `hwnas.latency.lookup.references`); write ``<out_prefix>.validation.{csv,png}``;
     a `hwnas.latency.validate.ValidationReport`."""
-    from hwnas.latency.lookup import drift_from, references
+    from hwnas.latency.lookup import drift_from, drift_over, references
     from hwnas.latency.validate import ValidationReport, metrics, noise_floor_pct, scatter_plot
 
     ps, table = pred.ps, pred.table
@@ -515,8 +515,7 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     csv_path = out_prefix.with_name(out_prefix.name + ".validation.csv")
     png_path = out_prefix.with_name(out_prefix.name + ".validation.png")
     atomic_write_text(csv_path, buf.getvalue())
-    drift = drift_from(table, {r: float(np.median([c[r] for c in canary_now]))
-                               for r in refs}).to_dict()
+    drift = drift_over(table, canary_now).to_dict()
     from hwnas.latency.validate import _age_h
 
     report = ValidationReport(

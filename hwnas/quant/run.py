@@ -326,7 +326,7 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     assignment, first; built as `whole` says); their latencies and a record of the host's
     contention and drift (``ratio`` per file: its group's references now / in the table)."""
     from hwnas.backends import compile_model
-    from hwnas.latency.lookup import drift_from, references
+    from hwnas.latency.lookup import drift_from, drift_over, references
     from hwnas.measure import Contention
     from hwnas.quant.latency import Builder, SameFeed
 
@@ -361,8 +361,7 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts),
                     "whole_models": whole.what}
     if has_canary:
-        record["drift"] = drift_from(pred.table, {r: float(np.median([n[r] for n in now]))
-                                                  for r in refs}).to_dict()
+        record["drift"] = drift_over(pred.table, now).to_dict()
         record["ratio"] = ratios
     return measured, record
 
