@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from hwnas.fileio import atomic_write_text
+from hwnas.latency.table import host_dir
+from hwnas.latency.validate import budget_verdict
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
 from hwnas.quant.latency import MixedPredictor, load_mixed
@@ -138,6 +140,7 @@ def cmd_sweep(args) -> None:
     for t in texts:
         scores[t] = target.evaluate(files[t], "test")
     ratio = record.get("ratio", {})
+    noise = host_dir(_root(cfg), device) / "noise.json"
     rows = []
     for b, m, t in picks:
         row = {"budget_ms": b, "name": m, "assignment": t}
@@ -148,6 +151,8 @@ def cmd_sweep(args) -> None:
                        int8_units=ps.unit_precisions(a).count("int8"),
                        keeps=measured[t] <= b, keeps_drift=measured[t] <= b * ratio.get(t, 1.0),
                        drift_ratio=ratio.get(t))
+            v = budget_verdict(measured[t], b, noise, ratio.get(t, 1.0))  # the project's rule
+            row.update(keeps_floor=v["keeps_budget_raw"], keeps_verdict=v["keeps_budget"])
         rows.append(row)
     for name, t in uniform.items():
         a = ps.parse(t)
@@ -164,7 +169,8 @@ def cmd_sweep(args) -> None:
                                     "fp32_metric_val": sens.base_metric}})
     buf = io.StringIO()
     keys = ["budget_ms", "name", "assignment", "int8_units", "predicted_ms", "measured_ms",
-            "keeps", "keeps_drift", "drift_ratio", "metric", "perturbation"]
+            "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio", "metric",
+            "perturbation"]
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
@@ -196,6 +202,10 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps) -> dict:
                           "ilp_metric_ge": sum(r["metric"] >= scores[t] - tol for r in pairs)}
     return {"ilp_keeps_measured": sum(r["keeps"] for r in ilp), "ilp_budgets": len(ilp),
             "ilp_keeps_drift_corrected": sum(r["keeps_drift"] for r in ilp),
+            # budget_verdict: within the device's published noise floor, without / with the
+            # host's shift since the table (what every hwnas budget check reports)
+            "ilp_keeps_within_noise_floor": sum(r["keeps_floor"] for r in ilp),
+            "ilp_keeps_verdict": sum(r["keeps_verdict"] for r in ilp),
             "compare": at_least,
             "uniform": {n: {"assignment": t, "predicted_ms": pred.predict(ps.parse(t)),
                             "measured_ms": measured[t], "metric": scores[t]}

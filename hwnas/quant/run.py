@@ -480,8 +480,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         from hwnas.latency.table import host_dir
         from hwnas.latency.validate import budget_verdict
 
+        # the host's shift since the table, from the references timed with the pick
+        shift = (record or {}).get("ratio", {}).get(ps.text(a), 1.0)
         verdict = budget_verdict(pick.measured_ms, cfg.budget_ms,
-                                 host_dir(_root(cfg), device) / "noise.json")
+                                 host_dir(_root(cfg), device) / "noise.json", shift)
     res = {
         "output": str(out), "device": device.name, "host": table.host, "space": ps.base.name,
         "arch": str(ps.arch), "input_shape": list(ps.input_shape), "method": method,
