@@ -163,8 +163,50 @@ def study(args) -> None:
         out["measured"] = {k: measured[k] for k in ("baseline_widths", "host_shift_pct",
                                                      "contention", "noise_floor_pct")
                            if k in measured}
+    if args.plot:
+        study_plot(out, measured, args.plot)
     json.dump(out, sys.stdout, indent=1)
     print()
+
+
+def study_plot(out: dict, measured: dict, path: Path) -> None:
+    """Stand-alone test AP vs measured latency (the host's shift since pricing taken out), one
+    panel per budget: the searched and random picks by seed, the baseline at the seeds' mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = 1 + measured.get("host_shift_pct", 0.0) / 100 if measured else 1.0
+    base_ms = (measured.get("baseline_widths", {}).get("0.5", {}).get("measured_ms")
+               if measured else None)
+    budgets = out["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
+    for ax, (budget, b) in zip(axes[0], budgets.items()):
+        for method, marker in (("evolution", "o"), ("random", "s")):
+            pts = [(r[method]["measured"]["measured_ms"] / ratio, 100 * r[method]["test_AP"],
+                    r["seed"]) for r in b["seeds"] if r.get(method, {}).get("test_AP")
+                   is not None and r[method].get("measured")]
+            if pts:
+                ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker,
+                           label=method, s=40)
+                for x, y, seed in pts:
+                    ax.annotate(f"s{seed}", (x, y), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        base = [r["baseline_AP"] for r in b["seeds"] if r["baseline_AP"] is not None]
+        if base and base_ms:
+            ax.errorbar([base_ms / ratio], [100 * np.mean(base)],
+                        yerr=[100 * np.std(base, ddof=1)] if len(base) > 1 else None,
+                        fmt="*", ms=12, color="k", label="baseline (all 3x3, w0.5), seed mean±sd")
+        ax.axvline(float(budget), color="r", ls="--", lw=1, label=f"budget {budget} ms")
+        ax.set_xlabel("measured latency / host shift (ms)")
+        ax.set_ylabel("stand-alone test AP (x100)")
+        ax.set_title(f"budget {budget} ms")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{out['space']} FCOS @ {out['steps']} steps: searched vs random vs baseline",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def measure(args) -> None:
@@ -184,7 +226,8 @@ def measure(args) -> None:
     lut, _ = open_predictor(device, space, shape, None, None, False, "off", Protocol())
     picks = searches(args.searches)
     choices = args.baseline.rpartition(":")[2]
-    widths = [f"{args.det_space.rpartition('-w')[0]}-w{w:g}:{choices}" for w in args.widths]
+    widths = [f"{get_space(args.det_space.rpartition('-w')[0] + f'-w{w:g}').name}:{choices}"
+              for w in args.widths]
     refs = list(references(lut.table))
     labels = list(dict.fromkeys([*(p["pick"] for p in picks), *widths, *refs]))
 
@@ -325,6 +368,7 @@ def main() -> None:
     st.add_argument("--baseline", default="det20:" + "0" * 20)
     st.add_argument("--searched", default="evolution")
     st.add_argument("--measured", type=Path, help="the JSON `measure -o` wrote")
+    st.add_argument("--plot", type=Path, help="write the AP vs measured latency figure here")
     st.add_argument("--todo", action="store_true",
                     help="print the ARCH@SEED pairs still to train (for `train --pairs`)")
     m = sub.add_parser("measure")
