@@ -205,3 +205,25 @@ def test_detect_demo_end_to_end(fcos_tables, supernet, tmp_path, capsys):
     assert p["parity"]["images_ok"] == p["parity"]["images"] == 20
     assert d["search"]["evaluations"] == 6 and isinstance(p["keeps_budget"], bool)
     assert d["profile"]["measured_ops"] == 0  # the table was there: nothing re-profiled
+
+
+def test_shipped_searched_detector_exports_and_matches_torch(tmp_path, capsys):
+    """The committed searched detector (issue 10's study) is the pick its metadata names, and
+    the one export command gives a deployable ONNX that matches torch on real val images."""
+    from hwnas.detection.data import load_coco, resolve_data
+    from hwnas.detection.export import parity
+    from hwnas.detection.train import load_detector
+
+    ckpt = (Path(__file__).parents[1] / "hwnas" / "detection" / "assets"
+            / "det20-w0.5_searched_fcos.pt")
+    det, meta = load_detector(ckpt)
+    shipped = meta["shipped_from"]
+    assert meta["config"]["arch"] == "det20:10031202020001210332"
+    assert shipped["budget_ms"] == 5.095 and shipped["search_seed"] == 1
+    onnx = tmp_path / "searched.onnx"
+    rc, out, err = cli("detect", "export", "--ckpt", ckpt, "-o", onnx, "--json", capsys=capsys)
+    assert rc == 0, err
+    assert json.loads(out)["nms_nodes"] == 1
+    split = load_coco(resolve_data(meta["config"]["data"]), "val", meta["detector"]["image_size"])
+    got = parity(det, onnx, split, limit=8)
+    assert got["ok"] and got["images"] == 8 and got["matched"] == got["detections_torch"] > 0
