@@ -29,12 +29,26 @@ def done_rows(out: Path) -> list[dict]:
         if f.exists() else []
 
 
+def trained(out: Path, space: str, steps: int) -> list[dict]:
+    """The rows of `space` trained for `steps` steps."""
+    return [r for r in done_rows(out) if r["space"] == space and r["steps"] == steps]
+
+
+def coco_scores(det, data: str, image_size: int, keys=("AP", "AP50")) -> dict:
+    """`keys` of the detector's COCO metrics on the test and val splits (pycocotools)."""
+    from hwnas.detection.data import load_coco, resolve_data
+    from hwnas.detection.evaluate import evaluate
+
+    root = resolve_data(data)
+    return {split: {k: m[k] for k in keys if k in m}
+            for split in ("test", "val")
+            for m in [evaluate(load_coco(root, split, image_size), det=det)]}
+
+
 def train(args) -> None:
     import torch
 
     from hwnas.detection.config import DetTrainConfig
-    from hwnas.detection.data import load_coco, resolve_data
-    from hwnas.detection.evaluate import evaluate
     from hwnas.detection.train import DetectorTrainer, load_detector
 
     torch.set_num_threads(1)
@@ -52,12 +66,10 @@ def train(args) -> None:
                              warmup_steps=min(300, args.steps // 10), init=args.init)
         summary = DetectorTrainer(cfg, ckpt, progress=not args.quiet).run()
         det, meta = load_detector(ckpt)
-        root = resolve_data(cfg.data)
         row = {"space": args.space, "arch": arch, "seed": seed, "steps": args.steps,
                "image_size": args.image_size, "init": args.init,
                "train_s": summary["train_s"], "checkpoint": str(ckpt)}
-        for split in ("test", "val"):
-            m = evaluate(load_coco(root, split, args.image_size), det=det)
+        for split, m in coco_scores(det, cfg.data, args.image_size).items():
             row[f"{split}_AP"] = m["AP"]
             row[f"{split}_AP50"] = m["AP50"]
         with open(args.out / "results.jsonl", "a") as f:
@@ -123,9 +135,7 @@ def paired(diffs: list[float]) -> dict:
 def study(args) -> None:
     """Searched vs random vs the hand-designed baseline, stand-alone test AP, paired by seed:
     the pick of search seed s is trained with seed s, and so is the baseline it is paired with."""
-    rows = done_rows(args.out)
-    ap = {(r["arch"], r["seed"]): r["test_AP"] for r in rows
-          if r["steps"] == args.steps and r["space"] == args.space}
+    ap = {(r["arch"], r["seed"]): r["test_AP"] for r in trained(args.out, args.space, args.steps)}
     picks = searches(args.searches)
     todo = sorted({f"{p['arch']}@{p['seed']}" for p in picks if (p["arch"], p["seed"]) not in ap}
                   | {f"{args.baseline}@{p['seed']}" for p in picks
@@ -213,9 +223,9 @@ def measure(args) -> None:
     """Every pick and the baseline at several widths, exported as the deployable detector (NMS
     inside, priced at its worst case) and measured interleaved, with the table's reference
     candidates for the host's shift since pricing; each pick judged against its budget."""
+    from hwnas.backends import compile_model, compiled
     from hwnas.devices import load_device
     from hwnas.latency.lookup import drift_from, open_predictor, references
-    from hwnas.backends import compile_model, compiled
     from hwnas.latency.profile import candidate_builder, measure_opened
     from hwnas.latency.validate import budget_verdict
     from hwnas.measure import Protocol
@@ -276,10 +286,8 @@ def rank(args) -> None:
     from hwnas.detection.search import DetSearchConfig, open_scorer
     from hwnas.spaces import get_space
 
-    rows = [r for r in done_rows(args.out) if r["steps"] == args.steps
-            and r["space"] == args.space]
     means: dict[str, list[float]] = {}
-    for r in rows:
+    for r in trained(args.out, args.space, args.steps):
         means.setdefault(r["arch"], []).append(r["test_AP"])
     space = get_space(args.det_space)
     scorer, _ = open_scorer(args.supernet, space, DetSearchConfig(
@@ -312,17 +320,14 @@ def ship(args) -> None:
     The best is the pick with the highest stand-alone *val* AP (test AP stays for reporting)."""
     import torch
 
-    from hwnas.detection.data import load_coco, resolve_data
-    from hwnas.detection.evaluate import evaluate
     from hwnas.detection.train import load_detector, read_detector_checkpoint
 
     picks = [p for p in searches(args.searches) if p["method"] == args.searched]
-    rows = {(r["arch"], r["seed"]): r for r in done_rows(args.out)
-            if r["steps"] == args.steps and r["space"] == args.space}
-    trained = [(rows[(p["arch"], p["seed"])], p) for p in picks if (p["arch"], p["seed"]) in rows]
-    if not trained:
+    rows = {(r["arch"], r["seed"]): r for r in trained(args.out, args.space, args.steps)}
+    done = [(rows[(p["arch"], p["seed"])], p) for p in picks if (p["arch"], p["seed"]) in rows]
+    if not done:
         sys.exit("no searched pick is trained yet: run `study --todo` and `train --pairs`")
-    row, pick = max(trained, key=lambda rp: rp[0]["val_AP"])
+    row, pick = max(done, key=lambda rp: rp[0]["val_AP"])
     ck = read_detector_checkpoint(row["checkpoint"])
     slim = {"format": ck["format"], "meta": {**ck["meta"], "shipped_from": {
         "search": pick["file"], "budget_ms": pick["budget_ms"], "search_seed": pick["seed"],
@@ -331,14 +336,12 @@ def ship(args) -> None:
     args.o.parent.mkdir(parents=True, exist_ok=True)
     torch.save(slim, args.o)
     det, meta = load_detector(args.o)
-    root = resolve_data(meta["config"]["data"])
-    size = meta["detector"]["image_size"]
     got = {"checkpoint": str(args.o), "arch": row["arch"], "pick": pick["pick"],
            "budget_ms": pick["budget_ms"], "search": pick["file"], "fp32": {
                "test_AP": row["test_AP"], "val_AP": row["val_AP"]}}
-    for split in ("test", "val"):
-        m = evaluate(load_coco(root, split, size), det=det)
-        got[split] = {k: round(float(m[k]), 4) for k in ("AP", "AP50", "AP75") if k in m}
+    for split, m in coco_scores(det, meta["config"]["data"], meta["detector"]["image_size"],
+                                ("AP", "AP50", "AP75")).items():
+        got[split] = {k: round(float(v), 4) for k, v in m.items()}
     json.dump(got, sys.stdout, indent=1)
     print()
 
