@@ -19,8 +19,9 @@ from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.export import export_onnx
 from hwnas.quant.assign import Problem, fastest, greedy, random_search, solve
-from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, load_mixed,
-                                 mixed_table_path, pair_label, profile_mixed, single_label)
+from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_margin_pct,
+                                 load_mixed, mixed_table_path, pair_label, profile_mixed,
+                                 single_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
 from hwnas.quant.run import _int8_notes, parse_arch
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
@@ -257,6 +258,50 @@ def test_where_int8_does_not_pay_the_ilp_keeps_fp32(ps):
     assert "int8 does not pay" in _int8_notes(ps, Pred(), f)[0]
 
 
+def _with_calibration(pred, measured):
+    """`pred` with its table's calibration latencies replaced by `measured` (refitted)."""
+    import copy
+
+    from hwnas.quant.latency import fit_calibration
+
+    t = copy.copy(pred.table)
+    t.meta = copy.deepcopy(pred.table.meta)
+    assigns = [pred.ps.parse(x) for x in t.meta["calibration"]["assignments"]]
+    raw = MixedPredictor(t, pred.ps, calibrated=False)
+    t.meta["calibration"] = fit_calibration(raw, assigns, measured)
+    return MixedPredictor(t, pred.ps)
+
+
+def test_guard_margin_comes_from_the_calibration_leave_one_out(int8, ps, mixed_tables):
+    from hwnas.quant.latency import guard_margin_pct
+    from hwnas.quant.run import choice_budget
+
+    pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
+    cal = pred.table.meta["calibration"]
+    assigns = [ps.parse(x) for x in cal["assignments"]]
+    exact = _with_calibration(pred, pred.predict_many(assigns))  # the model fits exactly
+    assert guard_margin_pct(exact) == pytest.approx(0, abs=1e-6)
+    # one assignment 30% slower than the model: left out, the others cannot predict it, so
+    # the top quantile of under-prediction is at least about +30% and the 90th lower
+    slow = pred.predict_many(assigns)
+    slow[3] *= 1.3
+    off = _with_calibration(pred, slow)
+    top, q90 = guard_margin_pct(off, 1.0), guard_margin_pct(off)
+    assert top > 25 and 0 <= q90 < top
+    f = fastest(Problem.build(off, np.zeros((len(ps.units), 2)), ps.weight_counts()))
+    fast_ms = off.predict(f)
+    under, m, source = choice_budget(off, fast_ms * 1.5, None, f)
+    assert m == pytest.approx(q90) and under == pytest.approx(fast_ms * 1.5 / (1 + q90 / 100))
+    assert "leave-one-out" in source
+    # within the margin of the fastest: refused, naming the lowest budget that it keeps
+    with pytest.raises(UserError, match=r"within the 10.0% margin .* at least "
+                       + f"{fast_ms * 1.1:.3f}"):
+        choice_budget(off, fast_ms * 1.05, 10.0, f)
+    assert choice_budget(off, fast_ms * 1.05, 0.0, f)[0] == pytest.approx(fast_ms * 1.05)
+    with pytest.raises(UserError, match="infeasible: below the fastest"):
+        choice_budget(off, fast_ms * 0.99, 0.0, f)
+
+
 # ---- sensitivity --------------------------------------------------------------------------------
 def test_hutchinson_is_exact_on_a_diagonal_quadratic():
     class T:
@@ -327,12 +372,15 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
     every = np.array(list(itertools.product([0, 1], repeat=len(ps.units))))
     lat = pred.predict_many(every)
-    budget = round(float(np.quantile(lat, 0.6)), 6)
+    budget = round(float(np.quantile(lat, 0.6)) * (1 + guard_margin_pct(pred) / 100), 6)
     out = tmp_path / "q.onnx"
     assert main(_args(mixed_tables, classifier, out, "--budget-ms", f"{budget:.6f}", "--json",
                       "--compare")) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "ilp" and res["predicted_ms"] <= budget + 1e-9
+    mg = res["margin"]  # chosen under the budget less the table's own margin
+    assert mg["pct"] == pytest.approx(guard_margin_pct(pred))
+    assert res["predicted_ms"] <= mg["chosen_under_ms"] + 1e-9
     assert unit_weight_precisions(out, ps) == list(res["units"].values())
     assert json.loads(out.with_suffix(".json").read_text())["assignment"] == res["assignment"]
     assert out.with_suffix(".pareto.png").stat().st_size > 0
@@ -358,13 +406,23 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     (["--budget-ms", "1", "--precisions", "fp32,int4"], "unknown precision 'int4'"),
     (["--budget-ms", "1", "--precisions", "fp16,int8"], "cannot run fp16"),
     (["--assignment", "ffxiif"], "unknown precision letter"),
+    (["--budget-ms", "FAST+", "--margin", "50"], "within the 50.0% margin of the fastest"),
+    (["--budget-ms", "1", "--margin", "-1"], "must be ≥ 0"),
     (["--budget-ms", "1", "--tables", "EMPTY"], "no mixed-precision table"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(classifier, mixed_tables, tmp_path, env, capsys,
-                                          extra, message):
+                                          int8, ps, extra, message):
     out = tmp_path / "q.onnx"
+    if "FAST+" in extra:  # just above the fastest assignment's price
+        pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
+        f = fastest(Problem.build(pred, np.zeros((len(ps.units), 2)), ps.weight_counts()))
+        extra = [f"{pred.predict(f) * 1.001:.6f}" if x == "FAST+" else x for x in extra]
     extra = [str(tmp_path / "empty") if x == "EMPTY" else x for x in extra]
-    assert main(_args(mixed_tables, classifier, out, *extra)) == 2
+    try:
+        rc = main(_args(mixed_tables, classifier, out, *extra))
+    except SystemExit as e:  # an option refused when parsed
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hwnas.argtypes import dumps_strict, int_range, nonneg_int, positive_float, positive_int
+from hwnas.argtypes import (dumps_strict, finite_float, int_range, nonneg_int, positive_float,
+                            positive_int)
 
 
 def add_parsers(sub) -> None:
@@ -36,6 +37,10 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="the QDQ model (.onnx); a "
                    ".json sidecar is written beside it")
     p.add_argument("--method", choices=["ilp", "greedy", "random"], default="ilp")
+    p.add_argument("--margin", type=_margin, default=None, metavar="PCT|auto",
+                   help="choose under budget / (1 + PCT/100), so that the pick keeps the budget "
+                   "though the table under-prices it (default auto: the 90th percentile of the "
+                   "table's leave-one-out under-prediction; 0 chooses under the budget as priced)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of the device's precisions (default: all; "
                    "fp32 is always allowed)")
@@ -69,6 +74,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _margin(text: str) -> float | None:
+    """``auto`` (None: the table's own margin) or a percentage in [0, 100]."""
+    if text.strip().lower() == "auto":
+        return None
+    return finite_float(0.0, 100.0)(text)
+
+
 def _emit(args, obj: dict, lines: list[str]) -> None:
     print(dumps_strict(obj) if args.json else "\n".join(lines))
 
@@ -88,7 +100,8 @@ def cmd_quantize(args) -> None:
         calibration_images=args.calibration_images,
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
-        seed=args.seed, protocol=_protocol(args), progress=not args.quiet)
+        seed=args.seed, protocol=_protocol(args), progress=not args.quiet,
+        margin_pct=args.margin)
     if args.profile:
         res = run_profile(cfg, args.calibration_n, args.require_quiet)
         cal = res["calibration"]

@@ -38,8 +38,8 @@ from hwnas.fileio import atomic_write_text, check_writable
 from hwnas.locks import output_lock
 from hwnas.measure import Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, fastest
-from hwnas.quant.latency import (MixedPredictor, WholeModels, assign_label, load_mixed,
-                                 measure_runners, profile_mixed)
+from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, WholeModels, assign_label,
+                                 guard_margin_pct, load_mixed, measure_runners, profile_mixed)
 from hwnas.quant.realise import assignment_device, realise
 from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -77,6 +77,35 @@ class QuantizeConfig:
     seed: int = 0
     protocol: Protocol = field(default_factory=Protocol)
     progress: bool = True
+    margin_pct: float | None = None  # choose under budget / (1 + margin); None: the table's own
+
+
+def choice_budget(pred: MixedPredictor, budget_ms: float, margin_pct: float | None,
+                  fast: Arch) -> tuple[float, float, str]:
+    """(the budget the methods choose under, the margin in %, where the margin came from):
+    ``budget / (1 + margin)``, the margin given or the table's own (`guard_margin_pct`). A
+    budget below the fastest assignment `fast`, or within the margin of it, is a `UserError`
+    naming the lowest budget that can be kept."""
+    fast_ms = pred.predict(fast)
+    if budget_ms < fast_ms - 1e-9:
+        raise UserError(f"budget {budget_ms:g} ms is infeasible: below the fastest precision "
+                        f"assignment of {pred.ps.arch} the mixed table can price "
+                        f"({pred.ps.text(fast)}, {fast_ms:.3f} ms); raise --budget-ms to at "
+                        f"least {fast_ms:.3f}")
+    if margin_pct is None:
+        margin, source = guard_margin_pct(pred), (
+            f"the table's calibration: {100 * MARGIN_QUANTILE:.0f}th percentile of its "
+            "leave-one-out under-prediction")
+    else:
+        margin, source = float(margin_pct), "--margin"
+    under = budget_ms / (1 + margin / 100)
+    if under < fast_ms - 1e-9:
+        raise UserError(f"budget {budget_ms:g} ms is within the {margin:.1f}% margin of the "
+                        f"fastest assignment ({pred.ps.text(fast)}, {fast_ms:.3f} ms) that the "
+                        "table's own error calls for; raise --budget-ms to at least "
+                        f"{fast_ms * (1 + margin / 100):.3f}, or pass --margin 0 to choose "
+                        "under the budget as priced")
+    return under, margin, source
 
 
 def parse_arch(space: SearchSpace, text: str) -> Arch:
@@ -448,10 +477,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         raise UserError(f"no assignment fits --size-mb {cfg.size_mb:g}: the smallest is "
                         f"{smallest:.3f} MB (every unit at its narrowest precision)")
     fast_ms = pred.predict(fast)
-    if cfg.budget_ms is not None and cfg.budget_ms < fast_ms - 1e-9:
-        raise UserError(f"budget {cfg.budget_ms:g} ms is infeasible: below the fastest precision "
-                        f"assignment of {ps.arch} the mixed table can price ({ps.text(fast)}, "
-                        f"{fast_ms:.3f} ms); raise --budget-ms to at least {fast_ms:.3f}")
+    under = margin = source = None
+    if cfg.budget_ms is not None:
+        under, margin, source = choice_budget(pred, cfg.budget_ms, cfg.margin_pct, fast)
     notes = _int8_notes(ps, pred, fast)
     with output_lock(out), tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
         work = Path(tmp)
@@ -462,12 +490,13 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         chosen: dict[str, Arch] = {"given": given} if given is not None else {}
         if cfg.budget_ms is not None:
             for m in (list(METHODS) if cfg.compare else [] if given else [cfg.method]):
-                a = choose(prob, m, cfg.budget_ms, cfg.size_mb, cfg.seed)
+                a = choose(prob, m, under, cfg.size_mb, cfg.seed)
                 if a is not None:
                     chosen[m] = a
         if method not in chosen:
-            raise UserError(f"method {cfg.method} found no assignment within {cfg.budget_ms:g} "
-                            f"ms (the ILP does: fastest {fast_ms:.3f} ms); use --method ilp")
+            raise UserError(f"method {cfg.method} found no assignment within {under:.3f} ms "
+                            f"(--budget-ms {cfg.budget_ms:g} less the {margin:.1f}% margin; "
+                            f"the ILP does: fastest {fast_ms:.3f} ms); use --method ilp")
         assigns = {**chosen}
         if cfg.compare:
             assigns.update({"fp32": ps.uniform("fp32"), "int8": ps.uniform("int8")})
@@ -488,6 +517,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         "output": str(out), "device": device.name, "host": table.host, "space": ps.base.name,
         "arch": str(ps.arch), "input_shape": list(ps.input_shape), "method": method,
         "budget_ms": cfg.budget_ms, "size_mb_limit": cfg.size_mb,
+        "margin": None if under is None else {"pct": margin, "source": source,
+                                              "chosen_under_ms": under},
         "assignment": ps.text(a),
         "units": {u.name: p for u, p in zip(ps.units, ps.unit_precisions(a))},
         "predicted_ms": pick.predicted_ms, "measured_ms": pick.measured_ms,
@@ -530,6 +561,10 @@ def lines(res: dict) -> list[str]:
         f", measured {m:.3f} ms ({res['timing']['latency_of']}): "
         + ("" if v is None else 'KEPT' if v['keeps_budget'] else 'MISSED')
         if m is not None else ""))
+    if res.get("margin"):
+        mg = res["margin"]
+        out.append(f"  chosen under {mg['chosen_under_ms']:.3f} ms: the budget less a "
+                   f"{mg['pct']:.1f}% margin ({mg['source']})")
     out.append(f"  {res['metric_name']} {res['metric']:.4f} on {res['eval_split']}; "
                f"{res['file_size_mb']:.2f} MB file -> {res['output']}")
     out += [f"  {n}" for n in res["notes"]]
