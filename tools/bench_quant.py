@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from hwnas.fileio import atomic_write_text
 from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
-from hwnas.quant.latency import MixedPredictor, load_mixed
+from hwnas.quant.latency import MixedPredictor, guard_margin_pct, load_mixed
 from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of, pareto_plot,
                              realise_all, sensitivity_for, time_files, whole_models)
@@ -116,17 +117,56 @@ def cmd_picture(args) -> None:
           f"{pred.predict(ps.canary()):.3f} ms; all int8 {pred.predict(ps.uniform('int8')):.3f}")
 
 
+def scorer(args, target):
+    """`path -> (metric, per-image correctness or None)` on the model's test split, or on a
+    larger generated one (`--test-n`, the built-in generators only: image i of a split is a
+    function of (seed, split, i), so it is the standard test split extended). Per-image
+    correctness (classifier) allows paired comparisons; COCO AP does not decompose per image."""
+    n = args.test_n
+    if target.kind == "classifier":
+        from hwnas.data import load_data
+        from hwnas.quant.target import onnx_correct
+
+        split = None
+        if n:
+            if target.data != "shapes":
+                raise SystemExit("--test-n needs the built-in shapes data")
+            split = load_data("shapes", target.input_shape[-1],
+                              {"train": 1, "val": 1, "test": n}).test
+        split = split or load_data(target.data, target.input_shape[-1]).test
+
+        def score(path):
+            c = onnx_correct(path, split)
+            return float(c.mean()), c
+        return score, len(split)
+    if not n:
+        return (lambda path: (target.evaluate(path, "test"), None)), None
+    from hwnas.detection.data import generate_shapes_det, load_coco
+    from hwnas.detection.evaluate import coco_metrics, detect_onnx
+
+    if target.data != "shapes-det":
+        raise SystemExit("--test-n needs the built-in shapes-det data")
+    s = load_coco(generate_shapes_det(sizes={"train": 1, "val": 1, "test": n},
+                                      image_size=target.input_shape[-1]), "test",
+                  target.input_shape[-1])
+    return (lambda path: (float(coco_metrics(s, detect_onnx(path, s))["AP"]), None)), n
+
+
 def cmd_sweep(args) -> None:
     cfg, device, ps, pred, target, sens, out = setup(args)
     prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
     f = fastest(prob)
-    lo, fp32_ms = pred.predict(f), pred.predict(ps.canary())
+    # the methods choose under budget / (1 + margin), as `hwnas quantize` does; the budgets
+    # span the range where its answer changes: from the lowest it accepts to all fp32
+    margin = guard_margin_pct(pred) if args.margin is None else args.margin
+    k = 1 + margin / 100
+    lo, fp32_ms = pred.predict(f) * k, pred.predict(ps.canary()) * k
     hi = max(fp32_ms, lo * 1.02)
     budgets = [float(b) for b in np.linspace(lo, hi, args.budgets)]
     picks: list[tuple[float, str, str | None]] = []
     for b in budgets:
         for m in ("ilp", "greedy", "random"):
-            a = choose(prob, m, b, None, args.seed)
+            a = choose(prob, m, b / k, None, args.seed)
             picks.append((b, m, None if a is None else ps.text(a)))
     uniform = {"fp32": ps.text(ps.canary()), "int8": ps.text(ps.uniform("int8"))}
     texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
@@ -136,14 +176,15 @@ def cmd_sweep(args) -> None:
     measured, record = time_files(ps, device, pred, timed, cfg.protocol, out / "models",
                                   group=args.group, progress=True,
                                   whole=whole_models(target, ps, out / "models", cfg.seed))
-    scores = {}
-    for t in texts:
-        scores[t] = target.evaluate(files[t], "test")
+    score, test_n = scorer(args, target)
+    scores, correct = {}, {}
+    for t in tqdm(texts, desc="scoring", file=sys.stderr):
+        scores[t], correct[t] = score(files[t])
     ratio = record.get("ratio", {})
     noise = host_dir(_root(cfg), device) / "noise.json"
     rows = []
     for b, m, t in picks:
-        row = {"budget_ms": b, "name": m, "assignment": t}
+        row = {"budget_ms": b, "chosen_under_ms": b / k, "name": m, "assignment": t}
         if t:
             a = ps.parse(t)
             row.update(predicted_ms=pred.predict(a), measured_ms=measured[t], metric=scores[t],
@@ -160,15 +201,17 @@ def cmd_sweep(args) -> None:
                      "predicted_ms": pred.predict(a), "measured_ms": measured[t],
                      "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
                      "int8_units": ps.unit_precisions(a).count("int8")})
-    summary = summarise(rows, budgets, uniform, scores, measured, pred, ps)
-    summary.update({"model": args.model, "space": ps.base.name, "arch": str(ps.arch),
+    summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct)
+    summary.update({"margin_pct": margin, "margin_source": "--margin" if args.margin is not None
+                    else "the table's calibration (guard_margin_pct)", "test_n": test_n,
+                    "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
                     "device": device.name, "host": pred.table.host, "metric": target.metric_name,
                     "latency_of": latency_of(target, ps), "timing": record,
                     "budgets": budgets, "fastest": ps.text(f), "protocol_span_s": args.span_s,
                     "sensitivity": {"rank_correlation": sens.rank_correlation,
                                     "fp32_metric_val": sens.base_metric}})
     buf = io.StringIO()
-    keys = ["budget_ms", "name", "assignment", "int8_units", "predicted_ms", "measured_ms",
+    keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms", "measured_ms",
             "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio", "metric",
             "perturbation"]
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
@@ -183,15 +226,40 @@ def cmd_sweep(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
-def summarise(rows, budgets, uniform, scores, measured, pred, ps) -> dict:
+def paired(correct, a: str, b: str) -> dict | None:
+    """Top-1 of `a` minus `b` on the same images, with its 95% interval (normal approximation
+    of the paired per-image difference): whether a gap is more than the test split's noise."""
+    if correct.get(a) is None or correct.get(b) is None:
+        return None
+    d = correct[a].astype(float) - correct[b].astype(float)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "significantly_worse": bool(d.mean() + half < 0),
+            "significantly_better": bool(d.mean() - half > 0)}
+
+
+def front(points: list[tuple[float, float, str]], budget: float):
+    """The best (metric, assignment) among (measured ms, metric, assignment) points that keep
+    `budget` as measured: a method's latency-accuracy front read at that budget; None if none."""
+    ok = [(m, t) for ms, m, t in points if ms <= budget]
+    return max(ok) if ok else None
+
+
+def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) -> dict:
+    correct = correct or {}
     ilp = [r for r in rows if r["name"] == "ilp" and r["assignment"]]
     tol = 1e-9
     at_least = {}
     for other in ("greedy", "random"):
         pairs = [(r, o) for r in ilp for o in rows if o["name"] == other and
                  o["budget_ms"] == r["budget_ms"] and o["assignment"]]
+        stats = [paired(correct, r["assignment"], o["assignment"]) for r, o in pairs]
         at_least[other] = {"budgets_compared": len(pairs),
                            "ilp_metric_ge": sum(r["metric"] >= o["metric"] - tol for r, o in pairs),
+                           "ilp_significantly_worse": sum(bool(x and x["significantly_worse"])
+                                                          for x in stats),
+                           "ilp_significantly_better": sum(bool(x and x["significantly_better"])
+                                                           for x in stats),
                            "ilp_perturbation_le": sum(r["perturbation"] <= o["perturbation"] + tol
                                                       for r, o in pairs),
                            "infeasible": sum(1 for o in rows if o["name"] == other
@@ -200,13 +268,36 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps) -> dict:
         pairs = [r for r in ilp if measured[t] <= r["budget_ms"]]
         at_least[name] = {"budgets_where_it_keeps": len(pairs),
                           "ilp_metric_ge": sum(r["metric"] >= scores[t] - tol for r in pairs)}
+    # the fronts on the measured latency-accuracy plane, read at every budget: each method's
+    # best point (over all its picks) that keeps the budget as measured
+    points = {m: list({(measured[r["assignment"]], r["metric"], r["assignment"])
+                       for r in rows if r["name"] == m and r["assignment"]})
+              for m in ("ilp", "greedy", "random")}
+    points.update({n: [(measured[t], scores[t], t)] for n, t in uniform.items()})
+    fronts = {}
+    for other in ("greedy", "random", "fp32", "int8"):
+        cmp, ge, worse, ilp_none = 0, 0, 0, 0
+        for b in budgets:
+            o = front(points[other], b)
+            if o is None:
+                continue
+            cmp += 1
+            i = front(points["ilp"], b)
+            if i is None:
+                ilp_none += 1
+                continue
+            ge += i[0] >= o[0] - tol
+            x = paired(correct, i[1], o[1])
+            worse += bool(x and x["significantly_worse"])
+        fronts[other] = {"budgets_where_it_has_a_point": cmp, "ilp_front_ge": ge,
+                         "ilp_front_significantly_worse": worse, "ilp_front_empty": ilp_none}
     return {"ilp_keeps_measured": sum(r["keeps"] for r in ilp), "ilp_budgets": len(ilp),
             "ilp_keeps_drift_corrected": sum(r["keeps_drift"] for r in ilp),
             # budget_verdict: within the device's published noise floor, without / with the
             # host's shift since the table (what every hwnas budget check reports)
             "ilp_keeps_within_noise_floor": sum(r["keeps_floor"] for r in ilp),
             "ilp_keeps_verdict": sum(r["keeps_verdict"] for r in ilp),
-            "compare": at_least,
+            "compare": at_least, "fronts": fronts,
             "uniform": {n: {"assignment": t, "predicted_ms": pred.predict(ps.parse(t)),
                             "measured_ms": measured[t], "metric": scores[t]}
                         for n, t in uniform.items()}}
@@ -307,6 +398,12 @@ def main() -> None:
     ap.add_argument("--span-s", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--margin", type=float, default=None,
+                    help="sweep: the methods choose under budget / (1 + PCT/100) (default: the "
+                    "table's own margin, as hwnas quantize)")
+    ap.add_argument("--test-n", type=int, default=0,
+                    help="sweep: score on a generated test split of this many images (default: "
+                    "the model's own test split)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,

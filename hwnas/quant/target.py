@@ -205,6 +205,12 @@ def _classifier(ckpt, ck, space, arch, input_shape, data) -> Target:
 
 def onnx_top1(path: Path, split, threads: int = 1) -> float:
     """Top-1 of a batch-1 classifier ONNX file on a proxy `Split` (onnxruntime, CPU)."""
+    return float(onnx_correct(path, split, threads).mean()) if len(split) else 0.0
+
+
+def onnx_correct(path: Path, split, threads: int = 1) -> np.ndarray:
+    """Per image of `split`, whether the batch-1 classifier ONNX file's top-1 is its label
+    (bool [N]): what a paired comparison of two models on the same images needs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -212,14 +218,14 @@ def onnx_top1(path: Path, split, threads: int = 1) -> float:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    correct = 0
+    out = np.zeros(len(split), bool)
     for i in range(0, len(split), 500):
         x, y = split.batch(np.arange(i, min(i + 500, len(split))))
         xs = x.numpy()
         pred = np.array([int(np.argmax(sess.run(None, {name: xs[j:j + 1]})[0]))
                          for j in range(len(xs))])
-        correct += int((pred == y.numpy()).sum())
-    return correct / max(len(split), 1)
+        out[i:i + len(xs)] = pred == y.numpy()
+    return out
 
 
 class _Deployable(nn.Module):
