@@ -405,22 +405,35 @@ def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
 
     from hwnas.fileio import atomic_path
 
-    style = {"ilp": ("tab:blue", "o"), "greedy": ("tab:orange", "s"),
-             "random": ("tab:green", "^"), "fp32": ("black", "*"), "int8": ("tab:red", "*")}
+    # the ILP last and filled, the baselines hollow: where they pick the same point, both show
+    style = {"random": ("tab:green", "^"), "greedy": ("tab:orange", "s"),
+             "fp32": ("black", "*"), "int8": ("tab:red", "*"), "ilp": ("tab:blue", "o")}
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     for name, (color, marker) in style.items():
         pts = [(r["measured_ms"], r["metric"]) for r in rows
                if r["name"] == name and r.get("measured_ms") is not None]
         if pts:
             xs, ys = zip(*sorted(pts))
-            ax.scatter(xs, ys, c=color, marker=marker, s=60 if marker == "*" else 22,
+            hollow = name in ("greedy", "random")
+            ax.scatter(xs, ys, marker=marker, s=60 if marker == "*" else 40 if hollow else 18,
+                       facecolors="none" if hollow else color, edgecolors=color,
                        label={"fp32": "uniform fp32", "int8": "uniform int8"}.get(name, name),
-                       zorder=3, alpha=0.85)
+                       zorder=4 if name == "ilp" else 3, alpha=0.9)
+            fx, fy = [], []  # its front: the best metric reached at or below each latency
+            for x, y in sorted(set(pts)):
+                if not fy or y > fy[-1]:
+                    fx.append(x)
+                    fy.append(y)
+            if len(fx) > 1 and marker != "*":
+                ax.step(fx + [max(xs)], fy + [fy[-1]], where="post", c=color, alpha=0.6,
+                        lw=1.6 if name == "ilp" else 1, ls="-" if name == "ilp" else "--")
     for b in budgets or []:
         ax.axvline(b, color="grey", lw=0.3, alpha=0.4)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
