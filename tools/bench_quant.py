@@ -222,7 +222,9 @@ def cmd_sweep(args) -> None:
                                                     indent=1) + "\n")
     pareto_plot(rows, out / "pareto.png",
                 f"{ps.base.name} {ps.arch} on {device.name} ({pred.table.host}): "
-                f"{len(budgets)} budgets", f"{target.metric_name} (test)", budgets)
+                f"{len(budgets)} budgets, margin {margin:.1f}%",
+                f"{target.metric_name} (test" + (f", {test_n:,} images)" if test_n else ")"),
+                budgets)
     print(json.dumps(summary, indent=1))
 
 
