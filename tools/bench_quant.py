@@ -308,33 +308,81 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) 
 def cmd_repeat(args) -> None:
     """Each of `--assignments` realised once and compiled `--copies` times, all timed in one
     interleaved run: the spread between copies of one model is the protocol's own noise for
-    these models here; the means compare the assignments head to head."""
+    these models here; the means compare the assignments head to head. With `--reps R` the
+    same compiled sessions are timed in R consecutive runs: an offset that stays with a copy
+    from run to run belongs to the session (its memory placement), one that does not belongs
+    to the moment."""
     from hwnas.backends import compile_model
     from hwnas.latency.table import host_dir
-    from hwnas.quant.latency import SameFeed, measure_runners
+    from hwnas.measure import measure_interleaved
+    from hwnas.quant.latency import SameFeed
 
     cfg, device, ps, pred, target, sens, out = setup(args)
     texts = [t.strip() for t in args.assignments.split(",")]
     files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
     whole = whole_models(target, ps, out / "models", cfg.seed)
     labels = [f"{t}#{k}" for t in texts for k in range(args.copies)]
-
-    def open_runner(label: str):
-        t = label.split("#")[0]
-        r = compile_model(timed[t], assignment_device(device, ps, ps.parse(t)))
-        return SameFeed(r, whole.feed)
-
-    got = measure_runners(labels, open_runner, cfg.protocol, desc="repeat")
-    res = {"latency_of": latency_of(target, ps), "contention": got.contention.to_dict(),
+    runners = [SameFeed(compile_model(timed[lb.split("#")[0]],
+                                      assignment_device(device, ps, ps.parse(lb.split("#")[0]))),
+                        whole.feed) for lb in labels]
+    runs = []
+    for _ in tqdm(range(args.reps), desc="repeat", file=sys.stderr):
+        got = measure_interleaved(runners, cfg.protocol)
+        runs.append(({lb: s.best_ms for lb, s in zip(labels, got.stats)}, got.contention))
+    for r in runners:
+        r.close()
+    res = {"latency_of": latency_of(target, ps), "reps": args.reps,
+           "contention": [c.to_dict() for _, c in runs],
            "noise_file": str(host_dir(_root(cfg), device) / "noise.json"), "assignments": {}}
     for t in texts:
-        v = np.array([got.stats[f"{t}#{k}"].best_ms for k in range(args.copies)])
-        res["assignments"][t] = {"predicted_ms": pred.predict(ps.parse(t)),
-                                 "measured_ms": v.round(4).tolist(), "mean_ms": float(v.mean()),
-                                 "cv_pct": float(100 * v.std(ddof=1) / v.mean()),
-                                 "range_pct": float(100 * np.ptp(v) / v.mean())}
+        v = np.array([[got[f"{t}#{k}"] for k in range(args.copies)] for got, _ in runs])
+        within = 100 * np.ptp(v, axis=1) / v.mean(axis=1)  # the copies' spread in each run
+        res["assignments"][t] = {
+            "predicted_ms": pred.predict(ps.parse(t)), "measured_ms": v.round(4).tolist(),
+            "mean_ms": float(v.mean()),
+            "cv_pct": float(100 * v[0].std(ddof=1) / v[0].mean()),
+            "range_pct": float(within[0]), "range_pct_per_run": within.round(2).tolist(),
+            # a copy's offset from its run's mean, correlated between consecutive runs
+            "copy_offset_corr": (float(np.mean([np.corrcoef(v[i] - v[i].mean(),
+                                                            v[i + 1] - v[i + 1].mean())[0, 1]
+                                                for i in range(len(v) - 1)]))
+                                 if len(v) > 1 else None)}
     atomic_write_text(out / "repeat.json", json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
+
+
+def local_fits(ps, measured: dict[str, float], folds: int = 10, lam: float = 0.01,
+               seed: int = 0) -> dict:
+    """How far *any* local latency model gets on whole assignments measured together: least
+    squares (ridge `lam` on all but the intercept) on int8 indicators per unit, + their
+    products along every edge (the pairwise model the table is), + along every path of two
+    edges (triples of neighbours), scored by `folds`-fold cross-validation. No table rows:
+    what the measurements themselves allow."""
+    texts = list(measured)
+    y = np.array([measured[t] for t in texts])
+    x = np.array([[float(p == "int8") for p in ps.unit_precisions(ps.parse(t))] for t in texts])
+    pairs = [(e.src, e.dst) for e in ps.edges]
+    triples = [(a, b, d) for a, b in pairs for c, d in pairs if c == b]
+    feats = {"units": [x],
+             "units + edges": [x, np.column_stack([x[:, a] * x[:, b] for a, b in pairs])],
+             "units + edges + triples": [x, np.column_stack([x[:, a] * x[:, b]
+                                                              for a, b in pairs]),
+                                         np.column_stack([x[:, a] * x[:, b] * x[:, c]
+                                                          for a, b, c in triples])]}
+    idx = np.random.default_rng(seed).permutation(len(y))
+    out = {"n": len(y), "folds": folds, "ridge": lam}
+    for name, parts in feats.items():
+        X = np.column_stack([np.ones(len(y))] + parts)
+        pen = lam * np.eye(X.shape[1])
+        pen[0, 0] = 0
+        err = np.zeros(len(y))
+        for f in np.array_split(idx, folds):
+            k = np.setdiff1d(idx, f)
+            c = np.linalg.solve(X[k].T @ X[k] + pen, X[k].T @ y[k])
+            err[f] = (X[f] @ c / y[f] - 1) * 100
+        out[name] = {"parameters": X.shape[1], "within_5pct": float(np.mean(np.abs(err) <= 5)),
+                     "mean_abs_err_pct": float(np.mean(np.abs(err)))}
+    return out
 
 
 def cmd_joint(args) -> None:
@@ -350,6 +398,12 @@ def cmd_joint(args) -> None:
                                      calibration_assignments, fit_calibration, measure_runners)
 
     cfg, device, ps, pred0, target, sens, out = setup(args)
+    if args.reuse:  # the local fits again, on the whole assignments an earlier run measured
+        res = json.loads((out / "joint.json").read_text())
+        res["local_fits"] = local_fits(ps, res["measured_ms"], seed=args.seed)
+        atomic_write_text(out / "joint.json", json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["local_fits"], indent=1))
+        return
     cal = calibration_assignments(ps, args.calibration_n, args.seed)
     held = ps.sample_stratified(args.n, np.random.default_rng(args.seed + 1),
                                 {ps.text(a) for a in cal})
@@ -371,7 +425,12 @@ def cmd_joint(args) -> None:
            "contention": got.contention.to_dict(),
            "calibration": {k: v for k, v in table.meta["calibration"].items()
                            if k not in ("assignments", "measured_ms", "fitted_ms", "what")},
-           "held_out": metrics(p, m), "whole_models": whole.what}
+           "held_out": metrics(p, m), "whole_models": whole.what,
+           # every whole assignment as measured in the run, for fits other than the table's
+           "measured_ms": {ps.text(a): got.stats[assign_label(ps, a)].best_ms
+                           for a in cal + held},
+           "calibration_assignments": [ps.text(a) for a in cal]}
+    res["local_fits"] = local_fits(ps, res["measured_ms"], seed=args.seed)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["assignment", "predicted_ms", "measured_ms", "error_pct"])
@@ -389,6 +448,10 @@ def main() -> None:
     ap.add_argument("--calibration-n", type=int, default=40, help="joint: calibration ones")
     ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
     ap.add_argument("--copies", type=int, default=4, help="repeat: compiled copies of each")
+    ap.add_argument("--reuse", action="store_true",
+                    help="joint: refit the local models on <out>/joint.json, measuring nothing")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="repeat: consecutive runs over the same compiled sessions")
     ap.add_argument("--model", choices=sorted(MODELS), default="det20")
     ap.add_argument("--device", default="cpu-ort-int8")
     ap.add_argument("--space", default=None)
