@@ -36,3 +36,25 @@ def test_gpu_use_and_versions_come_from_the_backend():
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="unknown backend 'nope'"):
         get_backend("nope")
+
+
+def test_ort_memory_pattern_option_reaches_the_session(tmp_path):
+    import dataclasses
+
+    from torch import nn
+
+    from hwnas.backends import compile_model
+    from hwnas.devices import load_device
+    from hwnas.export import export_onnx
+
+    path = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), (1, 3, 8, 8),
+                       tmp_path / "m.onnx")
+    base = load_device("cpu-ort-fp32")
+    for value in (True, False):
+        dev = dataclasses.replace(base, options={**base.options, "memory_pattern": value})
+        r = compile_model(path, dev)
+        try:
+            assert r.session.get_session_options().enable_mem_pattern is value
+            assert r.run(r.random_feed())  # and the model still runs
+        finally:
+            r.close()

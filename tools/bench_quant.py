@@ -351,6 +351,42 @@ def cmd_repeat(args) -> None:
     print(json.dumps(res, indent=1))
 
 
+def cmd_variant(args) -> None:
+    """Each of `--assignments` compiled twice, as the device says and with `--option K=V`
+    added to its options, all timed in one interleaved run: does the option change *which*
+    assignments the table misprices (the correlation of measured / predicted - 1 between the
+    two), or only how fast they all run?"""
+    import dataclasses
+
+    from hwnas.backends import compile_model
+    from hwnas.measure import measure_interleaved
+    from hwnas.quant.latency import SameFeed
+
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    key, _, value = args.option.partition("=")
+    value = {"true": True, "false": False}.get(value.lower(), value)
+    other = dataclasses.replace(device, options={**device.options, key: value})
+    texts = [t.strip() for t in args.assignments.split(",")]
+    files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
+    whole = whole_models(target, ps, out / "models", cfg.seed)
+    labels = [(t, v) for t in texts for v in ("default", args.option)]
+    runners = [SameFeed(compile_model(timed[t], assignment_device(
+        device if v == "default" else other, ps, ps.parse(t))), whole.feed) for t, v in labels]
+    got = measure_interleaved(runners, cfg.protocol)
+    m = {lb: s.best_ms for lb, s in zip(labels, got.stats)}
+    p = np.array([pred.predict(ps.parse(t)) for t in texts])
+    dev = {v: np.array([m[(t, v)] for t in texts]) / p - 1 for v in ("default", args.option)}
+    within = {v: float(np.mean(np.abs(d - np.median(d)) <= 0.05)) for v, d in dev.items()}
+    res = {"option": args.option, "n": len(texts), "contention": got.contention.to_dict(),
+           "deviation_correlation": float(np.corrcoef(dev["default"], dev[args.option])[0, 1]),
+           "within_5pct_after_median_shift": within,
+           "mean_ratio_option_to_default": float(np.mean(
+               np.array([m[(t, args.option)] / m[(t, "default")] for t in texts]))),
+           "measured_ms": {f"{t}|{v}": m[(t, v)] for t, v in labels}}
+    atomic_write_text(out / "variant.json", json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "measured_ms"}, indent=1))
+
+
 def local_fits(ps, measured: dict[str, float], folds: int = 10, lam: float = 0.01,
                seed: int = 0) -> dict:
     """How far *any* local latency model gets on whole assignments measured together: least
@@ -443,11 +479,14 @@ def cmd_joint(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint"])
+    ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint",
+                                    "variant"])
     ap.add_argument("--n", type=int, default=100, help="joint: held-out assignments")
     ap.add_argument("--calibration-n", type=int, default=40, help="joint: calibration ones")
     ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
     ap.add_argument("--copies", type=int, default=4, help="repeat: compiled copies of each")
+    ap.add_argument("--option", default="memory_pattern=false",
+                    help="variant: the device option K=V the second compile adds")
     ap.add_argument("--reuse", action="store_true",
                     help="joint: refit the local models on <out>/joint.json, measuring nothing")
     ap.add_argument("--reps", type=int, default=1,
@@ -472,7 +511,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
-     "repeat": cmd_repeat, "joint": cmd_joint}[args.cmd](args)
+     "repeat": cmd_repeat, "joint": cmd_joint, "variant": cmd_variant}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class OrtBackend(Backend):
         "graph_optimization": "disable, basic, extended or all (default all)",
         "providers": "execution providers in order (default [CPUExecutionProvider])",
         "profile_nodes": "keep onnxruntime's per-node trace for --explain",
+        "memory_pattern": "false turns off onnxruntime's memory-pattern planner (default on)",
         **INT8_OPTIONS,
     }
 
@@ -109,6 +110,8 @@ def session_options(device: Device):
         raise UserError(f"device {device.name}: graph_optimization {level!r} is not one of "
                         f"{', '.join(levels)}")
     so.graph_optimization_level = levels[level]
+    if "memory_pattern" in device.options:
+        so.enable_mem_pattern = bool(device.options["memory_pattern"])
     so.log_severity_level = 3
     return so
 
