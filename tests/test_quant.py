@@ -375,12 +375,16 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     budget = round(float(np.quantile(lat, 0.6)) * (1 + guard_margin_pct(pred) / 100), 6)
     out = tmp_path / "q.onnx"
     assert main(_args(mixed_tables, classifier, out, "--budget-ms", f"{budget:.6f}", "--json",
-                      "--compare")) == 0
+                      "--compare", "--margin", "auto", "--canary", "report")) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "ilp" and res["predicted_ms"] <= budget + 1e-9
     mg = res["margin"]  # chosen under the budget less the table's own margin
     assert mg["pct"] == pytest.approx(guard_margin_pct(pred))
     assert res["predicted_ms"] <= mg["chosen_under_ms"] + 1e-9
+    # the references timed first and the drift reported; prices as the table has them
+    cn = res["canary"]
+    assert cn["mode"] == "report" and not cn["corrected"] and len(cn["drift"]["refs"]) >= 2
+    assert res["predicted_ms"] == pytest.approx(pred.predict(ps.parse(res["assignment"])))
     assert unit_weight_precisions(out, ps) == list(res["units"].values())
     assert json.loads(out.with_suffix(".json").read_text())["assignment"] == res["assignment"]
     assert out.with_suffix(".pareto.png").stat().st_size > 0
@@ -398,6 +402,25 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     assert res2["sensitivity"]["cache"] == s["cache"]
     assert main(_args(mixed_tables, classifier, out2, "--assignment", "ffiiif")) == 2
     assert "exists" in capsys.readouterr().err  # never overwritten without --force
+
+
+def test_cli_quantize_prices_with_the_host_speed_now(classifier, mixed_tables, tmp_path, env,
+                                                      capsys, int8, ps):
+    """--canary correct (the default): the table's references are timed before choosing and
+    every price is scaled by the drift they show (a budget far above every price, so that
+    the check holds whatever the drift)."""
+    pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
+    budget = 3 * pred.predict(ps.uniform("int8")) + 3 * pred.predict(ps.canary())
+    out = tmp_path / "q.onnx"
+    assert main(_args(mixed_tables, classifier, out, "--budget-ms", f"{budget:.6f}",
+                      "--json")) == 0
+    res = json.loads(capsys.readouterr().out)
+    cn = res["canary"]
+    assert cn["mode"] == "correct" and cn["corrected"] and len(cn["drift"]["refs"]) >= 2
+    ratio = cn["drift"]["ratio"]
+    assert res["predicted_ms"] == pytest.approx(pred.predict(ps.parse(res["assignment"])) * ratio)
+    assert res["fastest"]["predicted_ms"] == pytest.approx(
+        pred.predict(ps.parse(res["fastest"]["assignment"])) * ratio)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -10,8 +10,10 @@
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py joint --model det20
         # rows, calibration and 100 held-out assignments in one run: fidelity without drift
 
-`sweep`: `--budgets` budgets spread evenly from the fastest assignment's predicted latency to
-the all-fp32 one; at each, the ILP's, greedy's and random search's assignments (the same
+`sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
+price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
+margin), `--margin`), `--budgets` budgets spread evenly from the fastest assignment's price to
+the all-fp32 one, both × (1 + margin); at each, the ILP's, greedy's and random search's assignments (the same
 sensitivity and table), plus uniform fp32 and int8; every distinct assignment realised (real
 calibration), timed with the protocol (groups interleaved with the table's canary) and scored
 (top-1 on the proxy's test split, or COCO AP on the detector's test split). Writes
@@ -39,10 +41,11 @@ from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
-from hwnas.quant.latency import MixedPredictor, guard_margin_pct, load_mixed
+from hwnas.quant.latency import MixedPredictor, guard_margin_pct, load_mixed, time_references
 from hwnas.quant.realise import assignment_device
-from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of, pareto_plot,
-                             realise_all, sensitivity_for, time_files, whole_models)
+from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of,
+                             measuring_shift, pareto_plot, realise_all, sensitivity_for,
+                             time_files, whole_models)
 from hwnas.quant.target import load_target
 
 
@@ -154,6 +157,11 @@ def scorer(args, target):
 
 def cmd_sweep(args) -> None:
     cfg, device, ps, pred, target, sens, out = setup(args)
+    drift = None
+    if args.canary == "correct":  # as hwnas quantize: priced with the host's speed now
+        drift = time_references(pred, device, cfg.protocol,
+                                whole_models(target, ps, out / "models", cfg.seed))
+        pred = pred.scaled(drift.ratio)
     prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
     f = fastest(prob)
     # the methods choose under budget / (1 + margin), as `hwnas quantize` does; the budgets
@@ -180,19 +188,19 @@ def cmd_sweep(args) -> None:
     scores, correct = {}, {}
     for t in tqdm(texts, desc="scoring", file=sys.stderr):
         scores[t], correct[t] = score(files[t])
-    ratio = record.get("ratio", {})
     noise = host_dir(_root(cfg), device) / "noise.json"
     rows = []
     for b, m, t in picks:
         row = {"budget_ms": b, "chosen_under_ms": b / k, "name": m, "assignment": t}
         if t:
             a = ps.parse(t)
+            shift = measuring_shift(record, t, drift)  # the host's change since pricing
             row.update(predicted_ms=pred.predict(a), measured_ms=measured[t], metric=scores[t],
                        perturbation=float(prob.perturbation(a.choices)[0]),
                        int8_units=ps.unit_precisions(a).count("int8"),
-                       keeps=measured[t] <= b, keeps_drift=measured[t] <= b * ratio.get(t, 1.0),
-                       drift_ratio=ratio.get(t))
-            v = budget_verdict(measured[t], b, noise, ratio.get(t, 1.0))  # the project's rule
+                       keeps=measured[t] <= b, keeps_drift=measured[t] <= b * shift,
+                       drift_ratio=shift)
+            v = budget_verdict(measured[t], b, noise, shift)  # the project's rule
             row.update(keeps_floor=v["keeps_budget_raw"], keeps_verdict=v["keeps_budget"])
         rows.append(row)
     for name, t in uniform.items():
@@ -202,7 +210,7 @@ def cmd_sweep(args) -> None:
                      "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
                      "int8_units": ps.unit_precisions(a).count("int8")})
     summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct)
-    summary.update({"margin_pct": margin, "margin_source": "--margin" if args.margin is not None
+    summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin, "margin_source": "--margin" if args.margin is not None
                     else "the table's calibration (guard_margin_pct)", "test_n": test_n,
                     "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
                     "device": device.name, "host": pred.table.host, "metric": target.metric_name,
@@ -505,6 +513,9 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=None,
                     help="sweep: the methods choose under budget / (1 + PCT/100) (default: the "
                     "table's own margin, as hwnas quantize)")
+    ap.add_argument("--canary", choices=["off", "correct"], default="correct",
+                    help="sweep: time the table's references first and scale every price by "
+                    "their drift, as hwnas quantize does (default correct)")
     ap.add_argument("--test-n", type=int, default=0,
                     help="sweep: score on a generated test split of this many images (default: "
                     "the model's own test split)")

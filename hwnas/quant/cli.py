@@ -37,6 +37,10 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="the QDQ model (.onnx); a "
                    ".json sidecar is written beside it")
     p.add_argument("--method", choices=["ilp", "greedy", "random"], default="ilp")
+    p.add_argument("--canary", choices=["off", "report", "correct"], default="correct",
+                   help="time the table's reference assignments first and report the host's "
+                   "drift since the table, or also scale every price by it before choosing "
+                   "(default correct: the budget is a budget on this host now)")
     p.add_argument("--margin", type=_margin, default=None, metavar="PCT|auto",
                    help="choose under budget / (1 + PCT/100), so that the pick keeps the budget "
                    "though the table under-prices it (default auto: the 90th percentile of the "
@@ -101,7 +105,7 @@ def cmd_quantize(args) -> None:
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
         seed=args.seed, protocol=_protocol(args), progress=not args.quiet,
-        margin_pct=args.margin)
+        margin_pct=args.margin, canary=args.canary)
     if args.profile:
         res = run_profile(cfg, args.calibration_n, args.require_quiet)
         cal = res["calibration"]

@@ -39,7 +39,8 @@ from hwnas.locks import output_lock
 from hwnas.measure import Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, fastest
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, WholeModels, assign_label,
-                                 guard_margin_pct, load_mixed, measure_runners, profile_mixed)
+                                 guard_margin_pct, load_mixed, measure_runners, profile_mixed,
+                                 time_references)
 from hwnas.quant.realise import assignment_device, realise
 from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -78,6 +79,7 @@ class QuantizeConfig:
     protocol: Protocol = field(default_factory=Protocol)
     progress: bool = True
     margin_pct: float | None = None  # choose under budget / (1 + margin); None: the table's own
+    canary: str = "correct"  # off | report | correct: time the table's references first
 
 
 def choice_budget(pred: MixedPredictor, budget_ms: float, margin_pct: float | None,
@@ -376,6 +378,7 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     texts = list(files)
     measured: dict[str, float] = {}
     ratios: dict[str, float] = {}
+    group_of: dict[str, int] = {}
     parts, now = [], []
     for start in range(0, len(texts), group):
         chunk = [f"file:{t}" for t in texts[start:start + group]]
@@ -387,12 +390,25 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
         if has_canary:
             r = drift_from(pred.table, now[-1]).ratio
             ratios.update({lb[5:]: r for lb in chunk})
+        group_of.update({lb[5:]: len(now) - 1 for lb in chunk})
     record: dict = {"contention": Contention.combine(parts).to_dict(), "groups": len(parts),
-                    "whole_models": whole.what}
+                    "whole_models": whole.what,
+                    # the references as timed with each group, and each file's group
+                    "refs_now": now, "group_of": group_of}
     if has_canary:
         record["drift"] = drift_over(pred.table, now).to_dict()
         record["ratio"] = ratios
     return measured, record
+
+
+def measuring_shift(record: dict | None, text: str, priced_at=None) -> float:
+    """The host's change between pricing and measuring assignment `text` (`time_files`'s
+    record): since the table, from the references timed with it; or, when the prices were
+    scaled by a drift timed before choosing (`priced_at`, a `Drift`), since then."""
+    record = record or {}
+    if priced_at is not None and text in record.get("group_of", {}):
+        return priced_at.shift(record["refs_now"][record["group_of"][text]])
+    return record.get("ratio", {}).get(text, 1.0)
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
@@ -490,14 +506,28 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         raise UserError(f"no assignment fits --size-mb {cfg.size_mb:g}: the smallest is "
                         f"{smallest:.3f} MB (every unit at its narrowest precision)")
     fast_ms = pred.predict(fast)
-    under = margin = source = None
-    if cfg.budget_ms is not None:
+    under = margin = source = drift = None
+    if cfg.budget_ms is not None:  # refused at once, before any timing
         under, margin, source = choice_budget(pred, cfg.budget_ms, cfg.margin_pct, fast)
     notes = _int8_notes(ps, pred, fast)
     with output_lock(out), tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
         work = Path(tmp)
         fp32 = target.export(work / "fp32.onnx")
         sens, sens_path = sensitivity_for(target, ps, device, cfg, fp32, work)
+        if cfg.canary != "off" and cfg.measure and given is None:
+            # price with the host's speed now: the references timed first (seconds)
+            drift = time_references(pred, device, cfg.protocol,
+                                    whole_models(target, ps, work, cfg.seed))
+            if cfg.canary == "correct":
+                pred = pred.scaled(drift.ratio)
+                free = Problem.build(pred, np.zeros_like(free.omega), counts)
+                fast = fastest(free, cfg.size_mb)
+                fast_ms = pred.predict(fast)
+                notes = _int8_notes(ps, pred, fast)
+                if cfg.budget_ms is not None:
+                    under, margin, source = choice_budget(pred, cfg.budget_ms, cfg.margin_pct,
+                                                          fast)
+        corrected = drift is not None and cfg.canary == "correct"
         prob = Problem.build(pred, sens.omega_matrix(ps), counts)
         method = "given" if given is not None else cfg.method
         chosen: dict[str, Arch] = {"given": given} if given is not None else {}
@@ -522,8 +552,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         from hwnas.latency.table import host_dir
         from hwnas.latency.validate import budget_verdict
 
-        # the host's shift since the table, from the references timed with the pick
-        shift = (record or {}).get("ratio", {}).get(ps.text(a), 1.0)
+        shift = measuring_shift(record, ps.text(a), drift if corrected else None)
         verdict = budget_verdict(pick.measured_ms, cfg.budget_ms,
                                  host_dir(_root(cfg), device) / "noise.json", shift)
     res = {
@@ -544,6 +573,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         "uniform_predicted_ms": {"fp32": pred.predict(ps.uniform("fp32")),
                                  "int8": pred.predict(ps.uniform("int8"))},
         "notes": notes, "timing": record, "table": str(table.path),
+        "canary": {"mode": cfg.canary, "drift": drift.to_dict() if drift else None,
+                   "corrected": corrected},
         "sensitivity": {"cache": str(sens_path),
                         "rank_correlation": sens.rank_correlation,
                         "units": [{"unit": u, "trace": t, "trace_se": se, "n_weights": n,
@@ -574,6 +605,11 @@ def lines(res: dict) -> list[str]:
         f", measured {m:.3f} ms ({res['timing']['latency_of']}): "
         + ("" if v is None else 'KEPT' if v['keeps_budget'] else 'MISSED')
         if m is not None else ""))
+    cn = res.get("canary") or {}
+    if cn.get("drift"):
+        out.append(f"  host drift {cn['drift']['drift_pct']:+.1f}% since the table (its "
+                   "references timed now)" + (": prices scaled by it" if cn["corrected"]
+                                              else ""))
     if res.get("margin"):
         mg = res["margin"]
         out.append(f"  chosen under {mg['chosen_under_ms']:.3f} ms: the budget less a "
