@@ -414,6 +414,8 @@ def measuring_shift(record: dict | None, text: str, priced_at=None) -> float:
 def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
                 budgets: list[float] | None = None) -> None:
     """Measured latency vs metric, one colour per method (uniform fp32/int8 as stars)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,8 +449,6 @@ def pareto_plot(rows: list[dict], path: Path, title: str, metric: str,
         ax.axvline(b, color="grey", lw=0.3, alpha=0.4)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel(metric)
-    import textwrap
-
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -479,8 +479,11 @@ def _int8_notes(ps: PrecisionSpace, pred: MixedPredictor, fast: Arch) -> list[st
 def run_quantize(cfg: QuantizeConfig) -> dict:
     from hwnas.quant.target import load_target
 
+    from hwnas.latency.lookup import check_canary_mode
+
     if cfg.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    check_canary_mode(cfg.canary)
     if cfg.ckpt is None or cfg.output is None or (cfg.budget_ms is None
                                                   and cfg.assignment is None):
         raise UserError("give --ckpt, --budget-ms (or --assignment) and -o (or --profile / "
