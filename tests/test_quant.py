@@ -258,15 +258,14 @@ def test_where_int8_does_not_pay_the_ilp_keeps_fp32(ps):
     assert "int8 does not pay" in _int8_notes(ps, Pred(), f)[0]
 
 
-def _with_calibration(pred, measured):
-    """`pred` with its table's calibration latencies replaced by `measured` (refitted)."""
+def _with_calibration(pred, assigns, measured):
+    """`pred` with its table's calibration refitted on `assigns` measured at `measured`."""
     import copy
 
     from hwnas.quant.latency import fit_calibration
 
     t = copy.copy(pred.table)
     t.meta = copy.deepcopy(pred.table.meta)
-    assigns = [pred.ps.parse(x) for x in t.meta["calibration"]["assignments"]]
     raw = MixedPredictor(t, pred.ps, calibrated=False)
     t.meta["calibration"] = fit_calibration(raw, assigns, measured)
     return MixedPredictor(t, pred.ps)
@@ -277,17 +276,17 @@ def test_guard_margin_comes_from_the_calibration_leave_one_out(int8, ps, mixed_t
     from hwnas.quant.run import choice_budget
 
     pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps)
-    cal = pred.table.meta["calibration"]
-    assigns = [ps.parse(x) for x in cal["assignments"]]
-    exact = _with_calibration(pred, pred.predict_many(assigns))  # the model fits exactly
-    assert guard_margin_pct(exact) == pytest.approx(0, abs=1e-6)
-    # one assignment 30% slower than the model: left out, the others cannot predict it, so
-    # the top quantile of under-prediction is at least about +30% and the 90th lower
-    slow = pred.predict_many(assigns)
-    slow[3] *= 1.3
-    off = _with_calibration(pred, slow)
+    # every assignment of the 6 units as the calibration, "measured" as the model prices them
+    assigns = [ps.parse("".join(c)) for c in itertools.product("fi", repeat=len(ps.units))]
+    exact = pred.predict_many(assigns)
+    assert guard_margin_pct(_with_calibration(pred, assigns, exact)) == pytest.approx(0, abs=1e-6)
+    # one assignment 30% slower: left out, the other 63 recover the model exactly and
+    # under-price it by 30%; the 90th percentile of all 64 stays near 0
+    slow = exact.copy()
+    slow[5] *= 1.3
+    off = _with_calibration(pred, assigns, slow)
     top, q90 = guard_margin_pct(off, 1.0), guard_margin_pct(off)
-    assert top > 25 and 0 <= q90 < top
+    assert top == pytest.approx(30, rel=1e-6) and 0 <= q90 < 3
     f = fastest(Problem.build(off, np.zeros((len(ps.units), 2)), ps.weight_counts()))
     fast_ms = off.predict(f)
     under, m, source = choice_budget(off, fast_ms * 1.5, None, f)
