@@ -301,6 +301,39 @@ def test_guard_margin_comes_from_the_calibration_leave_one_out(int8, ps, mixed_t
         choice_budget(off, fast_ms * 0.99, 0.0, f)
 
 
+def test_published_validation_sets_the_margin_until_the_table_is_recalibrated(
+        int8, ps, mixed_tables, tmp_path, capsys):
+    import shutil
+
+    from hwnas.quant.latency import margin_evidence
+
+    root = tmp_path / "tables"
+    shutil.copytree(mixed_tables, root)
+    pred = MixedPredictor(load_mixed(root, int8, ps), ps)
+    assert "leave-one-out" in margin_evidence(pred)[1]  # no validation yet
+    assert main(["quantize", "--validate", "4", "--publish", "--device", "cpu-ort-int8",
+                 "--space", "tiny", "--arch", ARCH, "--tables", str(root), "--span-s", "0",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    table = load_mixed(root, int8, ps)
+    v = table.meta["validation"]
+    csv_path = table.path.with_name(v["csv"])
+    rows = csv_path.read_text().splitlines()[1:]
+    assert v["n"] == len(rows) == 4 and v["quantile"] == 0.9
+    meas = np.array([float(r.split(",")[2]) for r in rows])
+    corr = np.array([float(r.split(",")[4]) for r in rows])
+    want = max(0.0, float(np.quantile((meas / corr - 1) * 100, 0.9)))
+    pct, source = margin_evidence(MixedPredictor(table, ps))
+    assert pct == pytest.approx(want) and "published validation" in source
+    # re-profiling replaces the calibration it validated, and drops it
+    table.rows.pop(next(iter(table.rows)))
+    table.save()
+    profile_mixed(int8, ps, root, FAST, calibration_n=7, progress=False)
+    again = load_mixed(root, int8, ps)
+    assert "validation" not in again.meta
+    assert "leave-one-out" in margin_evidence(MixedPredictor(again, ps))[1]
+
+
 # ---- sensitivity --------------------------------------------------------------------------------
 def test_hutchinson_is_exact_on_a_diagonal_quadratic():
     class T:

@@ -13,10 +13,11 @@
 `sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
 price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
 margin), `--margin`), `--budgets` budgets spread evenly from the fastest assignment's price to
-the all-fp32 one, both × (1 + margin); at each, the ILP's, greedy's and random search's assignments (the same
-sensitivity and table), plus uniform fp32 and int8; every distinct assignment realised (real
-calibration), timed with the protocol (groups interleaved with the table's canary) and scored
-(top-1 on the proxy's test split, or COCO AP on the detector's test split). Writes
+the all-fp32 one, both × (1 + margin); at each, the ILP's, greedy's and random search's
+assignments (the same sensitivity and table), plus uniform fp32 and int8; every distinct
+assignment realised (real calibration), timed with the protocol (groups interleaved with the
+table's references) and scored (top-1 on the proxy's test split, or COCO AP on the detector's;
+`--test-n` a larger generated one). Writes
 ``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; realised files are kept in
 ``<out>/models`` so a rerun resumes. The latency tables must exist
 (`hwnas quantize --profile`); the latency validation is `hwnas quantize --validate 100`.
@@ -41,7 +42,8 @@ from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
-from hwnas.quant.latency import MixedPredictor, guard_margin_pct, load_mixed, time_references
+from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, guard_margin_pct, load_mixed,
+                                 margin_evidence, time_references)
 from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of,
                              measuring_shift, pareto_plot, realise_all, sensitivity_for,
@@ -166,7 +168,8 @@ def cmd_sweep(args) -> None:
     f = fastest(prob)
     # the methods choose under budget / (1 + margin), as `hwnas quantize` does; the budgets
     # span the range where its answer changes: from the lowest it accepts to all fp32
-    margin = guard_margin_pct(pred) if args.margin is None else args.margin
+    margin, source = (margin_evidence(pred) if args.margin is None
+                      else (args.margin, "--margin"))
     k = 1 + margin / 100
     lo, fp32_ms = pred.predict(f) * k, pred.predict(ps.canary()) * k
     hi = max(fp32_ms, lo * 1.02)
@@ -210,8 +213,8 @@ def cmd_sweep(args) -> None:
                      "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
                      "int8_units": ps.unit_precisions(a).count("int8")})
     summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct)
-    summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin, "margin_source": "--margin" if args.margin is not None
-                    else "the table's calibration (guard_margin_pct)", "test_n": test_n,
+    summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin,
+                    "margin_source": source, "test_n": test_n,
                     "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
                     "device": device.name, "host": pred.table.host, "metric": target.metric_name,
                     "latency_of": latency_of(target, ps), "timing": record,
@@ -219,8 +222,8 @@ def cmd_sweep(args) -> None:
                     "sensitivity": {"rank_correlation": sens.rank_correlation,
                                     "fp32_metric_val": sens.base_metric}})
     buf = io.StringIO()
-    keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms", "measured_ms",
-            "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio", "metric",
+    keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms",
+            "measured_ms", "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio", "metric",
             "perturbation"]
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -395,6 +398,32 @@ def cmd_variant(args) -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "measured_ms"}, indent=1))
 
 
+def cmd_coverage(args) -> None:
+    """How often the calibration's leave-one-out margin (`guard_margin_pct`, or `--margin`)
+    holds on assignments the calibration never saw: of the table's published held-out
+    validation (`hwnas quantize --validate N --publish`), the share that ran within price x
+    (1 + margin), as priced and with the references' drift taken out."""
+    from hwnas.quant.latency import mixed_table_path
+
+    m = MODELS[args.model]
+    cfg = QuantizeConfig(device=args.device, space=args.space or m.space,
+                         arch=args.arch or m.arch)
+    device, ps = _precision_space(cfg)
+    pred = MixedPredictor(load_mixed(_root(cfg), device, ps), ps)
+    margin = guard_margin_pct(pred) if args.margin is None else args.margin
+    path = mixed_table_path(_root(cfg), device, ps)
+    path = path.with_name(path.stem + ".validation.csv")
+    rows = list(csv.DictReader(path.open()))
+    meas = np.array([float(r["measured_ms"]) for r in rows])
+    res = {"validation": str(path), "n": len(rows), "margin_pct": margin,
+           "target_share": MARGIN_QUANTILE}
+    for name, col in (("as_priced", "predicted_ms"), ("drift_corrected", "canary_corrected_ms")):
+        price = np.array([float(r[col]) for r in rows])
+        res[name] = {"within_price_plus_margin": float(np.mean(meas <= price * (1 + margin / 100))),
+                     "within_price": float(np.mean(meas <= price))}
+    print(json.dumps(res, indent=1))
+
+
 def local_fits(ps, measured: dict[str, float], folds: int = 10, lam: float = 0.01,
                seed: int = 0) -> dict:
     """How far *any* local latency model gets on whole assignments measured together: least
@@ -488,7 +517,7 @@ def cmd_joint(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint",
-                                    "variant"])
+                                    "variant", "coverage"])
     ap.add_argument("--n", type=int, default=100, help="joint: held-out assignments")
     ap.add_argument("--calibration-n", type=int, default=40, help="joint: calibration ones")
     ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
@@ -522,7 +551,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
-     "repeat": cmd_repeat, "joint": cmd_joint, "variant": cmd_variant}[args.cmd](args)
+     "repeat": cmd_repeat, "joint": cmd_joint, "variant": cmd_variant,
+     "coverage": cmd_coverage}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from hwnas.locks import output_lock
 from hwnas.measure import Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, fastest
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, WholeModels, assign_label,
-                                 guard_margin_pct, load_mixed, measure_runners, profile_mixed,
-                                 time_references)
+                                 load_mixed, margin_evidence, measure_runners, profile_mixed,
+                                 time_references, under_quantile_pct)
 from hwnas.quant.realise import assignment_device, realise
 from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -85,7 +85,7 @@ class QuantizeConfig:
 def choice_budget(pred: MixedPredictor, budget_ms: float, margin_pct: float | None,
                   fast: Arch) -> tuple[float, float, str]:
     """(the budget the methods choose under, the margin in %, where the margin came from):
-    ``budget / (1 + margin)``, the margin given or the table's own (`guard_margin_pct`). A
+    ``budget / (1 + margin)``, the margin given or the table's own (`margin_evidence`). A
     budget below the fastest assignment `fast`, or within the margin of it, is a `UserError`
     naming the lowest budget that can be kept."""
     fast_ms = pred.predict(fast)
@@ -95,9 +95,7 @@ def choice_budget(pred: MixedPredictor, budget_ms: float, margin_pct: float | No
                         f"({pred.ps.text(fast)}, {fast_ms:.3f} ms); raise --budget-ms to at "
                         f"least {fast_ms:.3f}")
     if margin_pct is None:
-        margin, source = guard_margin_pct(pred), (
-            f"the table's calibration: {100 * MARGIN_QUANTILE:.0f}th percentile of its "
-            "leave-one-out under-prediction")
+        margin, source = margin_evidence(pred)
     else:
         margin, source = float(margin_pct), "--margin"
     under = budget_ms / (1 + margin / 100)
@@ -196,7 +194,7 @@ def run_profile(cfg: QuantizeConfig, calibration_n: int = 24, require_quiet: boo
 def run_validate(cfg: QuantizeConfig, n: int, out: Path | None, publish: bool,
                  group: int = 25, require_quiet: bool = False):
     from hwnas.latency.table import host_dir
-    from hwnas.quant.latency import mixed_table_path, validate_mixed
+    from hwnas.quant.latency import MixedTable, mixed_table_path, validate_mixed
     from hwnas.runs import new_run_dir
 
     device, ps = _precision_space(cfg)
@@ -212,9 +210,40 @@ def run_validate(cfg: QuantizeConfig, n: int, out: Path | None, publish: bool,
         if whole.what != table.meta.get("whole_models", WholeModels().what):
             emit_warning(f"the table's whole models were {table.meta.get('whole_models')!r}; "
                          f"these are {whole.what!r}")
-        return validate_mixed(pred, device, n, cfg.seed + 1, Path(prefix),
-                              host_dir(root, device) / "noise.json", cfg.protocol, group,
-                              cfg.progress, require_quiet, whole)
+        rep = validate_mixed(pred, device, n, cfg.seed + 1, Path(prefix),
+                             host_dir(root, device) / "noise.json", cfg.protocol, group,
+                             cfg.progress, require_quiet, whole)
+    if publish:  # the held-out evidence the table's margin is taken from (`margin_evidence`)
+        import csv
+
+        with open(rep.csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with output_lock(table.path):
+            now = MixedTable.load(table.path)
+            if now.meta.get("calibration") != table.meta.get("calibration"):
+                raise UserError(f"{table.path} was re-profiled while this validation ran; its "
+                                "CSV is written but not recorded in the table: validate again")
+            record_validation(now, rows, rep)
+    return rep
+
+
+def record_validation(table, rows: list[dict], rep) -> None:
+    """Write a published validation's margin evidence (`margin_evidence`) into `table`'s
+    sidecar: the under-prediction at `MARGIN_QUANTILE`, as priced and drift-corrected."""
+    from hwnas.latency.table import now_iso
+
+    meas = [float(r["measured_ms"]) for r in rows]
+    table.meta["validation"] = {
+        "csv": Path(rep.csv).name, "n": len(rows), "measured": now_iso(),
+        "quantile": MARGIN_QUANTILE,
+        "under_pct": under_quantile_pct(meas, [float(r["predicted_ms"]) for r in rows]),
+        "corrected_under_pct": under_quantile_pct(
+            meas, [float(r["canary_corrected_ms"]) for r in rows]),
+        "within_5pct": rep.within_5pct,
+        "corrected_within_5pct": (rep.canary_corrected or {}).get("within_5pct"),
+        "what": "measured / priced - 1 at that quantile, in %, as priced and with the "
+                "references' drift taken out"}
+    table.save()
 
 
 # ---- sensitivity, cached ---------------------------------------------------------------------------
