@@ -223,8 +223,8 @@ def cmd_sweep(args) -> None:
                                     "fp32_metric_val": sens.base_metric}})
     buf = io.StringIO()
     keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms",
-            "measured_ms", "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio", "metric",
-            "perturbation"]
+            "measured_ms", "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio",
+            "metric", "perturbation"]
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
@@ -384,6 +384,8 @@ def cmd_variant(args) -> None:
     runners = [SameFeed(compile_model(timed[t], assignment_device(
         device if v == "default" else other, ps, ps.parse(t))), whole.feed) for t, v in labels]
     got = measure_interleaved(runners, cfg.protocol)
+    for r in runners:
+        r.close()
     m = {lb: s.best_ms for lb, s in zip(labels, got.stats)}
     p = np.array([pred.predict(ps.parse(t)) for t in texts])
     dev = {v: np.array([m[(t, v)] for t in texts]) / p - 1 for v in ("default", args.option)}
