@@ -369,9 +369,9 @@ def margin_evidence(pred: MixedPredictor) -> tuple[float, str]:
     (`guard_margin_pct`).
 
     Why the validation first: the leave-one-out sees only the profile's own run. Scored on the
-    published held-out validations (`tools/bench_quant.py coverage`), the leave-one-out margins
-    (5.2% det20, 2.3% detector) covered 86% and 77% of the drift-corrected assignments, not
-    90%."""
+    held-out validations published on 2026-11-22 and again on 2026-11-23 (`tools/bench_quant.py
+    coverage`), the leave-one-out margins (5.2% det20, 2.3% detector) covered 86% then 81%
+    (det20) and 77% then 61% (detector) of the drift-corrected assignments, not 90%."""
     v = pred.table.meta.get("validation") or {}
     if v.get("corrected_under_pct") is not None:
         return float(v["corrected_under_pct"]), (
