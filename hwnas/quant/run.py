@@ -557,8 +557,14 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                 fast_ms = pred.predict(fast)
                 notes = _int8_notes(ps, pred, fast)
                 if cfg.budget_ms is not None:
-                    under, margin, source = choice_budget(pred, cfg.budget_ms, cfg.margin_pct,
-                                                          fast)
+                    try:
+                        under, margin, source = choice_budget(pred, cfg.budget_ms,
+                                                              cfg.margin_pct, fast)
+                    except UserError as e:
+                        raise UserError(f"{e} (prices scaled by the host's drift of "
+                                        f"{100 * (drift.ratio - 1):+.1f}% since the table, its "
+                                        "references timed just now; --canary report keeps "
+                                        "them as the table has them)") from None
         corrected = drift is not None and cfg.canary == "correct"
         prob = Problem.build(pred, sens.omega_matrix(ps), counts)
         method = "given" if given is not None else cfg.method
@@ -568,6 +574,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                 a = choose(prob, m, under, cfg.size_mb, cfg.seed)
                 if a is not None:
                     chosen[m] = a
+        for m in (METHODS if cfg.compare and cfg.budget_ms is not None else ()):
+            if m not in chosen:
+                notes.append(f"{m} found no assignment within {under:.3f} ms")
         if method not in chosen:
             raise UserError(f"method {cfg.method} found no assignment within {under:.3f} ms "
                             f"(--budget-ms {cfg.budget_ms:g} less the {margin:.1f}% margin; "
