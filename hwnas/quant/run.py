@@ -506,9 +506,8 @@ def _int8_notes(ps: PrecisionSpace, pred: MixedPredictor, fast: Arch) -> list[st
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict:
-    from hwnas.quant.target import load_target
-
     from hwnas.latency.lookup import check_canary_mode
+    from hwnas.quant.target import load_target
 
     if cfg.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
