@@ -324,35 +324,7 @@ def _loo_errors_pct(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def loo_errors_pct(pred: MixedPredictor) -> np.ndarray:
-    """The leave-one-out errors of `pred`'s table's calibration (`_loo_errors_pct`),
-    recomputed from the assignments and latencies its sidecar records."""
-    cal = pred.table.meta.get("calibration") or {}
-    if not cal.get("assignments"):
-        return np.zeros(0)
-    assigns = [pred.ps.parse(t) for t in cal["assignments"]]
-    A = np.c_[np.ones(len(assigns)), pred.features(assigns)]
-    return _loo_errors_pct(A, np.asarray(cal["measured_ms"], float))
-
-
 MARGIN_QUANTILE = 0.9
-
-
-def guard_margin_pct(pred: MixedPredictor, quantile: float = MARGIN_QUANTILE) -> float:
-    """How much slower than priced an assignment may run, by the table's own evidence: the
-    `quantile` of the calibration's leave-one-out under-prediction (measured / predicted - 1,
-    in %; 0 when the model over-prices). Choosing under ``budget / (1 + margin)`` keeps the
-    budget for that share of assignments the model did not see.
-
-    Why: the ILP's pick sits on the budget by construction, so an unbiased price misses it half
-    the time. Measured on det20 @ 320 (AMD EPYC, 2026-11-22 sweep): without a margin 4 of 20
-    ILP picks ran 1.2-2.6% over their budgets; the table's leave-one-out 90th percentile of
-    under-prediction is 5.2% (det20) and 2.3% (the detector)."""
-    loo = loo_errors_pct(pred)
-    if not len(loo):
-        return 0.0
-    under = -loo / (1 + loo / 100)  # measured / predicted - 1, in %
-    return max(0.0, float(np.quantile(under, quantile)))
 
 
 def under_quantile_pct(measured_ms, priced_ms, quantile: float = MARGIN_QUANTILE) -> float:
@@ -360,6 +332,26 @@ def under_quantile_pct(measured_ms, priced_ms, quantile: float = MARGIN_QUANTILE
     price an assignment runs, that share of the time."""
     under = (np.asarray(measured_ms, float) / np.asarray(priced_ms, float) - 1) * 100
     return max(0.0, float(np.quantile(under, quantile))) if len(under) else 0.0
+
+
+def guard_margin_pct(pred: MixedPredictor, quantile: float = MARGIN_QUANTILE) -> float:
+    """How much slower than priced an assignment may run, by the table's own evidence: the
+    `quantile` of the calibration's leave-one-out under-prediction (`under_quantile_pct` of
+    the assignments its sidecar records, each priced by the fit made without it). Choosing
+    under ``budget / (1 + margin)`` keeps the budget for that share of assignments the model
+    did not see.
+
+    Why: the ILP's pick sits on the budget by construction, so an unbiased price misses it half
+    the time. Measured on det20 @ 320 (AMD EPYC, 2026-11-22 sweep): without a margin 4 of 20
+    ILP picks ran 1.2-2.6% over their budgets; the table's leave-one-out 90th percentile of
+    under-prediction is 5.2% (det20) and 2.3% (the detector)."""
+    cal = pred.table.meta.get("calibration") or {}
+    if not cal.get("assignments"):
+        return 0.0
+    assigns = [pred.ps.parse(t) for t in cal["assignments"]]
+    y = np.asarray(cal["measured_ms"], float)
+    loo = _loo_errors_pct(np.c_[np.ones(len(assigns)), pred.features(assigns)], y)
+    return under_quantile_pct(y, y * (1 + loo / 100), quantile)
 
 
 def margin_evidence(pred: MixedPredictor) -> tuple[float, str]:
