@@ -132,13 +132,10 @@ def scorer(args, target):
         from hwnas.data import load_data
         from hwnas.quant.target import onnx_correct
 
-        split = None
-        if n:
-            if target.data != "shapes":
-                raise SystemExit("--test-n needs the built-in shapes data")
-            split = load_data("shapes", target.input_shape[-1],
-                              {"train": 1, "val": 1, "test": n}).test
-        split = split or load_data(target.data, target.input_shape[-1]).test
+        if n and target.data != "shapes":
+            raise SystemExit("--test-n needs the built-in shapes data")
+        sizes = {"train": 1, "val": 1, "test": n} if n else None
+        split = load_data(target.data, target.input_shape[-1], sizes).test
 
         def score(path):
             c = onnx_correct(path, split)
