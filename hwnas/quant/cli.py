@@ -17,6 +17,7 @@ from hwnas.argtypes import (dumps_strict, finite_float, int_range, nonneg_int, p
 
 def add_parsers(sub) -> None:
     from hwnas.cli import SPAN
+    from hwnas.latency.lookup import CANARY_MODES
 
     p = sub.add_parser("quantize", help="per-layer mixed precision under a latency budget: "
                        "table, sensitivity, ILP, a real QDQ model")
@@ -37,7 +38,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="the QDQ model (.onnx); a "
                    ".json sidecar is written beside it")
     p.add_argument("--method", choices=["ilp", "greedy", "random"], default="ilp")
-    p.add_argument("--canary", choices=["off", "report", "correct"], default="correct",
+    p.add_argument("--canary", choices=CANARY_MODES, default="correct",
                    help="time the table's reference assignments first and report the host's "
                    "drift since the table, or also scale every price by it before choosing "
                    "(default correct: the budget is a budget on this host now)")
