@@ -20,8 +20,8 @@ from hwnas.errors import UserError
 from hwnas.export import export_onnx
 from hwnas.quant.assign import Problem, fastest, greedy, random_search, solve
 from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_margin_pct,
-                                 load_mixed, mixed_table_path, pair_label, profile_mixed,
-                                 single_label)
+                                 has_triples, load_mixed, mixed_table_path, pair_label,
+                                 profile_mixed, single_label, triple_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
 from hwnas.quant.run import _int8_notes, parse_arch
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
@@ -173,6 +173,7 @@ def test_realised_model_holds_its_assignment(int8, ps, tmp_path):
 def test_table_rows_predictor_and_resume(int8, ps, mixed_tables):
     table = load_mixed(mixed_tables, int8, ps)
     assert isinstance(table, MixedTable) and set(table.rows) == set(all_items(ps))
+    assert has_triples(table.meta) and len(all_items(ps)) - len(all_items(ps, False)) == 4 * 8
     assert table.path == mixed_table_path(mixed_tables, int8, ps)
     assert table.path.name == "tiny_1x3x32x32.mixed-0123.csv"
     cal = table.meta["calibration"]
@@ -185,6 +186,27 @@ def test_table_rows_predictor_and_resume(int8, ps, mixed_tables):
             - table.latency_ms(single_label(ps, e.src, "int8"))
             - table.latency_ms(single_label(ps, e.dst, "fp32")))
     assert pred.edge_ms[2, 1, 0] == pytest.approx(want)
+    # a triple's surplus: its row minus its two pairs' rows plus the middle unit's row
+    k1, k2 = ps.triples[1]  # blocks.0 → blocks.1 → blocks.2
+    assert (ps.edges[k1].src, ps.edges[k1].dst, ps.edges[k2].dst) == (1, 2, 3)
+    want = (table.latency_ms(triple_label(ps, k1, k2, "fp32", "int8", "int8"))
+            - table.latency_ms(pair_label(ps, ps.edges[k1], "fp32", "int8"))
+            - table.latency_ms(pair_label(ps, ps.edges[k2], "int8", "int8"))
+            + table.latency_ms(single_label(ps, 2, "int8")))
+    assert pred.triple_ms[1, 0, 1, 1] == pytest.approx(want)
+    a = ps.parse("fiifff")  # its price: units + edges + triples, calibrated
+    raw = MixedPredictor(table, ps, calibrated=False)
+    sums = (sum(raw.unit_ms[u, c] for u, c in enumerate(a.choices))
+            + sum(raw.edge_ms[k, a.choices[e.src], a.choices[e.dst]]
+                  for k, e in enumerate(ps.edges))
+            + sum(raw.triple_ms[t, a.choices[ps.edges[k1].src], a.choices[ps.edges[k1].dst],
+                                a.choices[ps.edges[k2].dst]]
+                  for t, (k1, k2) in enumerate(ps.triples)))
+    assert raw.predict(a) == pytest.approx(sums)
+    # a table made before triples prices with its pairs alone
+    old = MixedTable(table.path, {k: v for k, v in table.meta.items() if k != "items"},
+                     {k: table.rows[k] for k in all_items(ps, triples=False)})
+    assert MixedPredictor(old, ps, calibrated=False).triple_ms.shape[0] == 0
     assigns = ps.sample_stratified(10, np.random.default_rng(0))
     many = pred.predict_many(assigns)
     assert np.allclose(many, [pred.predict(a) for a in assigns])
@@ -208,7 +230,7 @@ def test_table_with_a_malformed_row_is_refused(int8, ps, mixed_tables, tmp_path)
 
 
 # ---- assignment ---------------------------------------------------------------------------------
-def _synthetic(ps, seed: int, int8_pays: bool = True) -> Problem:
+def _synthetic(ps, seed: int, int8_pays: bool = True, triples: bool = False) -> Problem:
     rng = np.random.default_rng(seed)
     U, E = len(ps.units), len(ps.edges)
     unit = np.c_[rng.uniform(0.1, 0.3, U), rng.uniform(0.05, 0.4, U)]
@@ -220,12 +242,16 @@ def _synthetic(ps, seed: int, int8_pays: bool = True) -> Problem:
     edge[:, 1, 1] = -rng.uniform(0.0, 0.05, E)  # int8 → int8: the pair's own Q/DQ saved
     omega = np.c_[np.zeros(U), rng.uniform(0.1, 1.0, U)]
     size = np.c_[np.full(U, 4e5), np.full(U, 1e5)]
-    return Problem(ps, 0.1, unit, edge, omega, size)
+    if not triples:
+        return Problem(ps, 0.1, unit, edge, omega, size)
+    tri = rng.uniform(-0.08, 0.08, (len(ps.triples), 2, 2, 2))  # what two edges cost together
+    return Problem(ps, 0.1, unit, edge, omega, size, tri, ps.triples)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ilp_is_optimal_against_brute_force(ps, seed):
-    prob = _synthetic(ps, seed)
+@pytest.mark.parametrize("seed, triples", [(0, False), (1, False), (2, False), (3, True),
+                                           (4, True)])
+def test_ilp_is_optimal_against_brute_force(ps, seed, triples):
+    prob = _synthetic(ps, seed, triples=triples)
     every = np.array(list(itertools.product([0, 1], repeat=len(ps.units))))
     lat, pert = prob.latency_ms(every), prob.perturbation(every)
     f = fastest(prob)

@@ -105,7 +105,8 @@ def cmd_sensitivity(args) -> None:
 def cmd_picture(args) -> None:
     """Per unit: its rows at fp32 and int8, and the measured edge costs around it."""
     cfg, device, ps, pred, target, sens, out = setup(args)
-    const, unit, edge = pred.terms()
+    t = pred.terms()
+    unit, edge = t.unit_ms, t.edge_ms
     f = fastest(Problem.build(pred, np.zeros_like(unit), ps.weight_counts()))
     print(f"{ps.base.name} {ps.arch} on {device.name}, host {pred.table.host}; calibrated "
           f"terms (ms): unit fp32 / int8, then the boundary into the unit at "
@@ -466,7 +467,7 @@ def cmd_joint(args) -> None:
     import tempfile
 
     from hwnas.latency.validate import metrics
-    from hwnas.quant.latency import (Builder, MixedTable, all_items, assign_label,
+    from hwnas.quant.latency import (WITH_TRIPLES, Builder, MixedTable, all_items, assign_label,
                                      calibration_assignments, fit_calibration, measure_runners)
 
     cfg, device, ps, pred0, target, sens, out = setup(args)
@@ -479,29 +480,43 @@ def cmd_joint(args) -> None:
     cal = calibration_assignments(ps, args.calibration_n, args.seed)
     held = ps.sample_stratified(args.n, np.random.default_rng(args.seed + 1),
                                 {ps.text(a) for a in cal})
-    rows = all_items(ps)
+    rows = all_items(ps, args.triples)
     labels = rows + [assign_label(ps, a) for a in cal + held]
     whole = whole_models(target, ps, out / "models", cfg.seed)
     with tempfile.TemporaryDirectory(prefix="hwnas-joint-") as tmp:
         got = measure_runners(labels, Builder(ps, device, Path(tmp), whole), cfg.protocol,
                               desc=f"joint: {len(rows)} rows + {len(cal)} + {len(held)}")
-    table = MixedTable(pred0.table.path, dict(pred0.table.meta),
-                       {k: got.stats[k] for k in rows})
-    raw = MixedPredictor(table, ps, calibrated=False)
-    table.meta["calibration"] = fit_calibration(
-        raw, cal, [got.stats[assign_label(ps, a)].best_ms for a in cal])
-    pred = MixedPredictor(table, ps)
-    p = pred.predict_many(held)
     m = np.array([got.stats[assign_label(ps, a)].best_ms for a in held])
+
+    def priced(items: str | None):
+        meta = {k: v for k, v in pred0.table.meta.items() if k != "items"}
+        if items:
+            meta["items"] = items
+        table = MixedTable(pred0.table.path, meta, {k: got.stats[k] for k in rows})
+        table.meta["calibration"] = fit_calibration(
+            MixedPredictor(table, ps, calibrated=False), cal,
+            [got.stats[assign_label(ps, a)].best_ms for a in cal])
+        return table, MixedPredictor(table, ps).predict_many(held)
+
+    table, p = priced(None)
     res = {"model": args.model, "rows": len(rows), "calibration_n": len(cal), "n": len(held),
            "contention": got.contention.to_dict(),
            "calibration": {k: v for k, v in table.meta["calibration"].items()
                            if k not in ("assignments", "measured_ms", "fitted_ms", "what")},
            "held_out": metrics(p, m), "whole_models": whole.what,
+           "rows_ms": {k: got.stats[k].best_ms for k in rows},
            # every whole assignment as measured in the run, for fits other than the table's
            "measured_ms": {ps.text(a): got.stats[assign_label(ps, a)].best_ms
                            for a in cal + held},
            "calibration_assignments": [ps.text(a) for a in cal]}
+    if args.triples:  # the same rows and calibration assignments, priced with triples
+        t3, p3 = priced(WITH_TRIPLES)
+        res["held_out_with_triples"] = metrics(p3, m)
+        res["calibration_with_triples"] = {
+            k: v for k, v in t3.meta["calibration"].items()
+            if k not in ("assignments", "measured_ms", "fitted_ms", "what")}
+        print(json.dumps({"held_out": res["held_out"],
+                          "held_out_with_triples": res["held_out_with_triples"]}, indent=1))
     res["local_fits"] = local_fits(ps, res["measured_ms"], seed=args.seed)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -525,6 +540,9 @@ def main() -> None:
                     help="variant: the device option K=V the second compile adds")
     ap.add_argument("--reuse", action="store_true",
                     help="joint: refit the local models on <out>/joint.json, measuring nothing")
+    ap.add_argument("--triples", action="store_true",
+                    help="joint: also time every neighbour triple (a → b → c) at every "
+                    "precision and price with each triple's surplus over its pairs")
     ap.add_argument("--reps", type=int, default=1,
                     help="repeat: consecutive runs over the same compiled sessions")
     ap.add_argument("--model", choices=sorted(MODELS), default="det20")

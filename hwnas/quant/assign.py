@@ -5,10 +5,13 @@ The ILP (HAWQ-V3's, with the conversions priced): one-hot binaries x[u, c] (unit
 and, per edge k = (a → b), pair variables y[k, c, d] ∈ [0, 1] with Σ_d y[k, c, d] = x[a, c] and
 Σ_c y[k, c, d] = x[b, d]; for binary x these force y[k, c, d] = x[a, c]·x[b, d] exactly (the
 standard linearisation of products of one-hot variables), so the edge costs the table measured
-(`hwnas.quant.latency`) enter linearly:
+(`hwnas.quant.latency`) enter linearly. A table with triples (edges k1 = a → b, k2 = b → c)
+adds z[t, c, d, f] ∈ [0, 1] with Σ_f z[t, c, d, f] = y[k1, c, d] and Σ_c z[t, c, d, f] =
+y[k2, d, f]: for exact one-hot products y these leave z one choice, the product of all three.
 
     minimise   Σ Ω[u, c]·x[u, c]                     (sensitivity-weighted perturbation)
-    subject to const + Σ T[u, c]·x[u, c] + Σ C[k, c, d]·y[k, c, d] ≤ budget_ms
+    subject to const + Σ T[u, c]·x[u, c] + Σ C[k, c, d]·y[k, c, d]
+                     + Σ D[t, c, d, f]·z[t, c, d, f] ≤ budget_ms
                Σ bytes[u, c]·x[u, c] ≤ size          (optional)
 
 solved by `scipy.optimize.milp` (HiGHS). A tiny multiple of the latency is added to the
@@ -44,17 +47,20 @@ class Problem:
     edge_ms: np.ndarray  # [E, P, P]
     omega: np.ndarray  # [U, P]
     size_bytes: np.ndarray  # [U, P]
+    triple_ms: np.ndarray | None = None  # [T, P, P, P] of `triples` (none: a table of pairs)
+    triples: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def build(cls, pred, omega: np.ndarray, weight_counts: np.ndarray) -> "Problem":
         from hwnas.quant.units import BYTES
 
         ps = pred.ps
-        const, unit, edge = pred.terms()
+        t = pred.terms()
         size = np.array([[weight_counts[i] * BYTES[u.precisions[c]] if c < len(u.precisions)
-                          else np.nan for c in range(unit.shape[1])]
+                          else np.nan for c in range(t.unit_ms.shape[1])]
                          for i, u in enumerate(ps.units)], dtype=float)
-        return cls(ps, const, unit, edge, np.asarray(omega, float), size)
+        return cls(ps, t.const_ms, t.unit_ms, t.edge_ms, np.asarray(omega, float), size,
+                   t.triple_ms, t.triples)
 
     # ---- evaluation of given assignments -------------------------------------------------------
     def latency_ms(self, choices: np.ndarray) -> np.ndarray:
@@ -63,8 +69,15 @@ class Problem:
         src = np.array([e.src for e in self.ps.edges], np.int64)
         dst = np.array([e.dst for e in self.ps.edges], np.int64)
         E = np.arange(len(self.ps.edges))
-        return (self.const_ms + self.unit_ms[U, ch].sum(1)
-                + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1))
+        out = (self.const_ms + self.unit_ms[U, ch].sum(1)
+               + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1))
+        if self.triples:
+            e = self.ps.edges
+            a, b, c = (np.array(v, np.int64) for v in zip(*[(e[k1].src, e[k1].dst, e[k2].dst)
+                                                           for k1, k2 in self.triples]))
+            T = np.arange(len(self.triples))
+            out = out + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
+        return out
 
     def perturbation(self, choices: np.ndarray) -> np.ndarray:
         ch = np.atleast_2d(np.asarray(choices, np.int64))
@@ -79,18 +92,26 @@ class Problem:
 
 
 def _layout(prob: Problem):
-    """Variable indices: x[u][c], then y[k][c][d]."""
+    """Variable indices: x[u][c], then y[k][c][d], then z[t][c][d][f]."""
     idx = 0
     x = []
-    for u in prob.ps.units:
+    units = prob.ps.units
+    for u in units:
         x.append(list(range(idx, idx + len(u.precisions))))
         idx += len(u.precisions)
     y = []
     for e in prob.ps.edges:
-        na, nb = len(prob.ps.units[e.src].precisions), len(prob.ps.units[e.dst].precisions)
+        na, nb = len(units[e.src].precisions), len(units[e.dst].precisions)
         y.append([[idx + c * nb + d for d in range(nb)] for c in range(na)])
         idx += na * nb
-    return x, y, idx
+    z = []
+    for k1, k2 in prob.triples:
+        e1, e2 = prob.ps.edges[k1], prob.ps.edges[k2]
+        na, nb, nc = (len(units[i].precisions) for i in (e1.src, e1.dst, e2.dst))
+        z.append([[[idx + (c * nb + d) * nc + f for f in range(nc)] for d in range(nb)]
+                  for c in range(na)])
+        idx += na * nb * nc
+    return x, y, z, idx
 
 
 def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None = None,
@@ -98,7 +119,7 @@ def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None =
     """The ILP's assignment, or None when no assignment keeps the constraints."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    x, y, n = _layout(prob)
+    x, y, z, n = _layout(prob)
     lat = np.zeros(n)
     pert = np.zeros(n)
     size = np.zeros(n)
@@ -109,6 +130,11 @@ def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None =
         for c, row in enumerate(ys):
             for d, j in enumerate(row):
                 lat[j] = prob.edge_ms[k, c, d]
+    for t, zs in enumerate(z):
+        for c, plane in enumerate(zs):
+            for d, row in enumerate(plane):
+                for f, j in enumerate(row):
+                    lat[j] = prob.triple_ms[t, c, d, f]
     rows, lo, hi = [], [], []
 
     def add(coef: dict[int, float], lb: float, ub: float) -> None:
@@ -126,6 +152,13 @@ def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None =
             add({**{j: 1.0 for j in row}, x[e.src][c]: -1.0}, 0.0, 0.0)
         for d in range(len(ys[0])):
             add({**{ys[c][d]: 1.0 for c in range(len(ys))}, x[e.dst][d]: -1.0}, 0.0, 0.0)
+    for (k1, k2), zs in zip(prob.triples, z):  # z is the product of its two edges' y
+        for c, plane in enumerate(zs):
+            for d, row in enumerate(plane):
+                add({**{j: 1.0 for j in row}, y[k1][c][d]: -1.0}, 0.0, 0.0)
+        for d in range(len(zs[0])):
+            for f in range(len(zs[0][0])):
+                add({**{zs[c][d][f]: 1.0 for c in range(len(zs))}, y[k2][d][f]: -1.0}, 0.0, 0.0)
     if budget_ms is not None:
         add(dict(enumerate(lat)), -np.inf, budget_ms - prob.const_ms)
     if size_mb is not None:

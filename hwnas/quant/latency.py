@@ -14,10 +14,17 @@ each edge where it happens:
 - ``unit_a@p>unit_b@q``: each *pair* of units joined by an edge (`units.pair_module`), at each
   precision pair; the edge's cost is ``pair − a@p − b@q``: for an int8→int8 edge that removes
   the Q/DQ the two units paid alone, for a mixed edge it is the conversion in context (Q/DQ,
-  layout reorders, propagated Q/DQ), for fp32→fp32 what the units share (one run's overhead).
+  layout reorders, propagated Q/DQ), for fp32→fp32 what the units share (one run's overhead);
+- ``unit_a@p>unit_b@q>unit_c@r``: each *triple* a → b → c (two edges meeting in b,
+  `units.triple_module`) at each precision triple; its surplus ``triple − pair(a,b) − pair(b,c)
+  + b@q`` is what the two edges cost together beyond their sum. Why: measured on det20 @ 320
+  (AMD EPYC, 2026-11-23), rows, 60 calibration and 100 held-out assignments in one quiet run
+  (`tools/bench_quant.py joint --triples`): 82% of the held-out priced within ±5% with pairs,
+  89% with triples (mean error 3.1% → 2.6%). Tables made before triples keep pairs only
+  (``meta["items"]``).
 
-A candidate's price is ``intercept + slope · (Σ units + Σ edges) + Σ_{p>q} offset[p>q] ·
-(edges at p>q)``: linear in one-hot precision variables and in the pairwise products that the
+A candidate's price is ``intercept + slope · (Σ units + Σ edges + Σ triples) + Σ_{p>q}
+offset[p>q] · (edges at p>q)``: linear in one-hot precision variables and in the pairwise products that the
 ILP linearises (`hwnas.quant.assign`); `MixedPredictor` says why the offsets. The calibration is fitted by least squares on whole random assignments
 measured in the same interleaved run as the rows (as `hwnas profile` does, for the same reason:
 on a drifting host separate phases disagree); the all-fp32 assignment is the canary.
@@ -50,7 +57,7 @@ from hwnas.latency.table import LatencyTable, host_dir, new_table, now_iso, shap
 from hwnas.locks import output_lock
 from hwnas.measure import Contention, Protocol
 from hwnas.quant.realise import assignment_device, mixed_device
-from hwnas.quant.units import Edge, PrecisionSpace, pair_module
+from hwnas.quant.units import Edge, PrecisionSpace, pair_module, triple_module
 from hwnas.spaces.base import TOKENS, Arch, OpKey
 
 ASSIGN = "assign:"
@@ -70,7 +77,32 @@ def assign_label(ps: PrecisionSpace, a: Arch) -> str:
     return ASSIGN + ps.text(a)
 
 
-def all_items(ps: PrecisionSpace) -> list[str]:
+def _links(e: Edge) -> str:
+    return ",".join(f"{o}-{i}" for o, i in e.links)
+
+
+def triple_label(ps: PrecisionSpace, k1: int, k2: int, p: str, q: str, r: str) -> str:
+    e1, e2 = ps.edges[k1], ps.edges[k2]
+    links = "" if e1.links == e2.links == ((0, 0),) else f"@{_links(e1)};{_links(e2)}"
+    return f"{ps.units[e1.src].at(p)}>{ps.units[e1.dst].at(q)}>{ps.units[e2.dst].at(r)}{links}"
+
+
+def triple_precisions(ps: PrecisionSpace, k1: int, k2: int):
+    """(p, q, r) over the precisions of the triple's three units."""
+    a, b, c = ps.edges[k1].src, ps.edges[k1].dst, ps.edges[k2].dst
+    return [(p, q, r) for p in ps.units[a].precisions for q in ps.units[b].precisions
+            for r in ps.units[c].precisions]
+
+
+WITH_TRIPLES = "units, pairs, triples"
+
+
+def has_triples(meta: dict) -> bool:
+    """Whether a table measures triples: tables made before them (no ``items``) do not."""
+    return meta.get("items") == WITH_TRIPLES
+
+
+def all_items(ps: PrecisionSpace, triples: bool = True) -> list[str]:
     """Every row the table of `ps`'s candidate needs, in walk order, without duplicates."""
     out: dict[str, None] = {}
     for i, u in enumerate(ps.units):
@@ -80,20 +112,26 @@ def all_items(ps: PrecisionSpace) -> list[str]:
         for p in ps.units[e.src].precisions:
             for q in ps.units[e.dst].precisions:
                 out.setdefault(pair_label(ps, e, p, q))
+    for k1, k2 in ps.triples if triples else ():
+        for pqr in triple_precisions(ps, k1, k2):
+            out.setdefault(triple_label(ps, k1, k2, *pqr))
     return list(out)
 
 
 class MixedTable(LatencyTable):
-    """A `LatencyTable` whose rows are units (an `OpKey`) and pairs (``key>key[@links]``)."""
+    """A `LatencyTable` whose rows are units (an `OpKey`), pairs (``key>key[@links]``) and
+    triples (``key>key>key[@links;links]``)."""
 
     @classmethod
     def parse_key(cls, text: str) -> str:
         body, _, links = text.partition("@")
         parts = body.split(">")
-        if len(parts) > 2 or (links and len(parts) != 2):
-            raise ValueError(f"row {text!r} is neither a unit key nor key>key[@links]")
+        if len(parts) > 3 or (links and (len(parts) == 1 or len(links.split(";")) != len(parts) - 1)):
+            raise ValueError(f"row {text!r} is neither a unit key nor key>key[@links] nor "
+                             "key>key>key[@links;links]")
         keys = [str(OpKey.parse(p)) for p in parts]
-        if links and not all(x.isdigit() for lk in links.split(",") for x in lk.split("-")):
+        if links and not all(x.isdigit() for ls in links.split(";") for lk in ls.split(",")
+                             for x in lk.split("-")):
             raise ValueError(f"row {text!r}: links must read like 0-0,1-1")
         return ">".join(keys) + (f"@{links}" if links else "")
 
@@ -181,6 +219,8 @@ class Builder:
         pairs = {pair_label(ps, e, p, q): (e, p, q) for e in ps.edges
                  for p in ps.units[e.src].precisions for q in ps.units[e.dst].precisions}
         self.units, self.pairs = units, pairs
+        self.triples = {triple_label(ps, k1, k2, *pqr): (k1, k2, pqr) for k1, k2 in ps.triples
+                        for pqr in triple_precisions(ps, k1, k2)}
 
     def whole_onnx(self) -> Path:
         from hwnas.export import export_onnx
@@ -204,6 +244,10 @@ class Builder:
                 i, p = self.units[label]
                 u = ps.units[i]
                 module, shapes, parts = ps.base.build_op(u.key), u.key.in_shapes, [("/", p)]
+            elif label in self.triples:
+                k1, k2, (p, q, r) = self.triples[label]
+                (module, shapes) = triple_module(ps, k1, k2)
+                parts = [("/a/a/", p), ("/a/b/", q), ("/b/", r)]
             else:
                 e, p, q = self.pairs[label]
                 (module, shapes), parts = pair_module(ps, e), [("/a/", p), ("/b/", q)]
@@ -212,8 +256,9 @@ class Builder:
 
 # ---- the table's model -------------------------------------------------------------------------
 CALIBRATION_WHAT = ("latency_ms = intercept_ms + slope * (sum of the units' rows + sum over edges "
-                    "of (pair row - its two unit rows)) + sum over precision pairs (p>q, not "
-                    "fp32>fp32) of offset_ms[p>q] * (edges at p>q); least squares on whole "
+                    "of (pair row - its two unit rows) + sum over triples a>b>c, where measured, "
+                    "of (triple row - its two pair rows + b's row)) + sum over precision pairs "
+                    "(p>q, not fp32>fp32) of offset_ms[p>q] * (edges at p>q); least squares on whole "
                     "assignments measured in the same interleaved run as the rows")
 
 
@@ -257,6 +302,19 @@ class MixedPredictor:
                 for d, q in enumerate(ps.units[e.dst].precisions):
                     if f"{p}>{q}" in self.pairs:
                         self._pair_ids[k, c, d] = self.pairs.index(f"{p}>{q}")
+        # [T, P, P, P]: triple t = (edge a → b, edge b → c) at choices (c, d, f), beyond its pairs
+        self.triples = list(ps.triples) if has_triples(table.meta) else []
+        self.triple_ms = np.full((len(self.triples), P, P, P), np.nan)
+        for t, (k1, k2) in enumerate(self.triples):
+            a, b, c3 = ps.edges[k1].src, ps.edges[k1].dst, ps.edges[k2].dst
+            for p, q, r in triple_precisions(ps, k1, k2):
+                i, j, k = (ps.units[a].precisions.index(p), ps.units[b].precisions.index(q),
+                           ps.units[c3].precisions.index(r))
+                # triple − pair(a, b) − pair(b, c) + b, with pair = edge + its two units
+                self.triple_ms[t, i, j, k] = (self._row(triple_label(ps, k1, k2, p, q, r))
+                                              - self.edge_ms[k1, i, j] - self.edge_ms[k2, j, k]
+                                              - self.unit_ms[a, i] - self.unit_ms[b, j]
+                                              - self.unit_ms[c3, k])
         cal = table.meta.get("calibration") if calibrated else None
         self.intercept_ms = float(cal["intercept_ms"]) if cal else 0.0
         self.slope = float(cal["slope"]) if cal else 1.0
@@ -294,6 +352,10 @@ class MixedPredictor:
             cols = [(ids == j).sum(1) for j in range(len(self.pairs))]
         else:
             cols = [np.zeros(len(ch)) for _ in self.pairs]
+        if self.triples:
+            a, b, c = self._triple_units()
+            T = np.arange(len(self.triples))
+            total = total + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
         return np.column_stack([total] + cols).astype(float)
 
     def predict_many(self, assigns) -> np.ndarray:
@@ -304,12 +366,33 @@ class MixedPredictor:
     def predict(self, a: Arch) -> float:
         return float(self.predict_many([a])[0])
 
-    def terms(self) -> tuple[float, np.ndarray, np.ndarray]:
-        """(constant ms, [U, P] ms of unit u at choice c, [E, P, P] ms of edge k at choices
-        (c, d)), calibration and scale applied: latency = const + Σ unit terms + Σ edge terms."""
+    def _triple_units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The units (a, b, c) of every triple, as index arrays."""
+        e = self.ps.edges
+        return tuple(np.array([f(k1, k2) for k1, k2 in self.triples], dtype=np.int64)
+                     for f in (lambda k1, k2: e[k1].src, lambda k1, k2: e[k1].dst,
+                               lambda k1, k2: e[k2].dst))
+
+    def terms(self) -> "Terms":
+        """The price as linear terms, calibration and scale applied: latency = const + Σ unit
+        terms + Σ edge terms + Σ triple terms."""
         off = np.where(self._pair_ids >= 0, self.offsets[np.maximum(self._pair_ids, 0)], 0.0)
-        return (self.intercept_ms * self.scale, self.unit_ms * self.slope * self.scale,
-                (self.edge_ms * self.slope + off) * self.scale)
+        return Terms(self.intercept_ms * self.scale, self.unit_ms * self.slope * self.scale,
+                     (self.edge_ms * self.slope + off) * self.scale,
+                     self.triple_ms * self.slope * self.scale, tuple(self.triples))
+
+
+@dataclass(frozen=True)
+class Terms:
+    """A `MixedPredictor`'s price as linear terms: `const_ms`; `unit_ms` [U, P], unit u at
+    choice c; `edge_ms` [E, P, P], edge k at choices (c, d); `triple_ms` [T, P, P, P], triple t
+    (edges `triples[t]` = (a → b, b → c)) at choices (c, d, f) — empty for a table of pairs."""
+
+    const_ms: float
+    unit_ms: np.ndarray
+    edge_ms: np.ndarray
+    triple_ms: np.ndarray
+    triples: tuple[tuple[int, int], ...]
 
 
 def _loo_errors_pct(A: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -421,7 +504,7 @@ def open_mixed_table(root: Path, device: Device, ps: PrecisionSpace,
     if not path.exists():
         t = new_table(path, device, ps.base.name, ps.input_shape, protocol.to_dict())
         t.meta.update({"arch": str(ps.arch), "precisions": list(ps.precisions),
-                       "units": [u.name for u in ps.units],
+                       "units": [u.name for u in ps.units], "items": WITH_TRIPLES,
                        "what": "mixed-precision rows of one candidate (hwnas.quant.latency)"})
         return MixedTable(t.path, t.meta, t.rows)
     table = MixedTable.load(path)
@@ -459,7 +542,7 @@ def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
                   Path(root) / "hosts.json"):
             clean_orphans(p)
         table = open_mixed_table(root, device, ps, protocol)
-        items = all_items(ps)
+        items = all_items(ps, has_triples(table.meta))
         todo = [k for k in items if k not in table.rows]
         if todo and table.rows:
             diffs = fingerprint_diff(table.meta["fingerprint"], device.fingerprint())

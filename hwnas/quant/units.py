@@ -9,7 +9,8 @@ head → post-processing edges.
 
 Precision is a gene: `PrecisionSpace` is a `SearchSpace` whose layers are the units and whose
 choices are `Gene(kind, kernel, precision=p)` for the device's precisions, so an assignment is
-an `Arch` of it (sampled, mutated and crossed like any other). Its text form is one letter per
+an `Arch` of it (sampled, mutated and crossed like any other). A *triple* is a path of two
+edges a → b → c: the neighbourhood whose joint cost the latency table also measures. Its text form is one letter per
 unit, ``f`` fp32, ``h`` fp16, ``i`` int8 (``ffiiii…``), decoded only by `PrecisionSpace.parse`.
 
 Every unit also names the ONNX node-name prefix its nodes carry in the exported candidate
@@ -128,6 +129,10 @@ class PrecisionSpace(SearchSpace):
                             "(hwnas.quant.units knows ShuffleNet and detector spaces)")
         self.units: tuple[Unit, ...] = tuple(units)
         self.edges: tuple[Edge, ...] = tuple(edges)
+        # neighbour triples a → b → c: (index of edge a → b, index of edge b → c)
+        self.triples: tuple[tuple[int, int], ...] = tuple(
+            (k1, k2) for k1, e1 in enumerate(self.edges) for k2, e2 in enumerate(self.edges)
+            if e1.dst == e2.src)
         self.name = f"{space.name}@{''.join(TOKENS[c] for c in arch.choices)}"
         self.layer_choices = tuple(tuple(Gene(u.key.kind, u.key.kernel, precision=p)
                                          for p in u.precisions) for u in self.units)
@@ -243,3 +248,20 @@ def pair_module(ps: PrecisionSpace, edge: Edge) -> tuple[nn.Module, tuple[Shape,
     shapes = ua.key.in_shapes + tuple(s for i, s in enumerate(ub.key.in_shapes) if i not in fed)
     m = PairModule(a, b, edge.links, len(ua.key.in_shapes), len(ub.key.in_shapes), ua.n_outputs)
     return m.eval(), shapes
+
+
+def triple_module(ps: PrecisionSpace, k1: int, k2: int) -> tuple[nn.Module, tuple[Shape, ...]]:
+    """The module that times the triple of edges `k1` (a → b) and `k2` (b → c): the pair
+    module of a → b, then c fed by b's outputs as in the candidate. Exported node names start
+    with ``/a/a/``, ``/a/b/`` and ``/b/`` (a, b, c)."""
+    e1, e2 = ps.edges[k1], ps.edges[k2]
+    if e1.dst != e2.src:
+        raise ValueError(f"edges {k1} and {k2} do not meet in a unit")
+    ua, ub, uc = ps.units[e1.src], ps.units[e1.dst], ps.units[e2.dst]
+    inner, shapes = pair_module(ps, e1)
+    c = ps.base.build_op(uc.key)
+    fed = {i for _, i in e2.links}
+    inner_outputs = ub.n_outputs + ua.n_outputs - len({o for o, _ in e1.links})
+    m = PairModule(inner, c, e2.links, len(shapes), len(uc.key.in_shapes), inner_outputs)
+    return m.eval(), tuple(shapes) + tuple(s for i, s in enumerate(uc.key.in_shapes)
+                                            if i not in fed)
