@@ -509,6 +509,29 @@ def test_cli_bad_input_is_one_line_exit_2(classifier, mixed_tables, tmp_path, en
     assert not out.exists()
 
 
+def test_cli_profile_says_what_the_table_prices(mixed_tables, tmp_path, capsys, int8, ps):
+    import shutil
+
+    base = ["quantize", "--profile", "--device", "cpu-ort-int8", "--space", "tiny", "--arch",
+            ARCH, "--span-s", "0", "--calibration-n", "7", "--quiet"]
+    assert main([*base, "--tables", str(mixed_tables)]) == 0  # complete: nothing re-timed
+    out = capsys.readouterr().out
+    assert "rows of units, pairs, triples (0 measured now" in out and "move it away" not in out
+    # a table made before triples: kept as it is (pairs), and the way to triples is named
+    root = tmp_path / "old"
+    shutil.copytree(mixed_tables, root)
+    path = mixed_table_path(root, int8, ps)
+    t = MixedTable.load(path)
+    t.meta.pop("items")
+    t.rows = {k: t.rows[k] for k in all_items(ps, triples=False)}
+    t.save()
+    assert main([*base, "--tables", str(root), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["items"] == "units, pairs" and res["measured_rows"] == 0
+    assert main([*base, "--tables", str(root)]) == 0
+    assert "made before triples: move it away and profile again" in capsys.readouterr().out
+
+
 def test_cli_checkpoint_of_another_arch_and_device_without_int8(classifier, mixed_tables,
                                                                 tmp_path, env):
     # named before anything else (there is no table of tiny:3210 either)

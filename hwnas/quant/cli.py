@@ -92,6 +92,7 @@ def _emit(args, obj: dict, lines: list[str]) -> None:
 
 def cmd_quantize(args) -> None:
     from hwnas.cli import _protocol
+    from hwnas.quant.latency import WITH_TRIPLES
     from hwnas.quant.run import QuantizeConfig, lines, run_profile, run_quantize, run_validate
     from hwnas.spaces.base import parse_shape
 
@@ -110,8 +111,11 @@ def cmd_quantize(args) -> None:
     if args.profile:
         res = run_profile(cfg, args.calibration_n, args.require_quiet)
         cal = res["calibration"]
-        _emit(args, res, [f"{res['table']}: {res['rows']} rows ({res['measured_rows']} measured "
-                          f"now, {res['reused_rows']} reused)",
+        older = ("" if res["items"] == WITH_TRIPLES else "; made before triples: move it away "
+                 "and profile again to price neighbour triples too")
+        _emit(args, res, [f"{res['table']}: {res['rows']} rows of {res['items']} "
+                          f"({res['measured_rows']} measured now, {res['reused_rows']} "
+                          f"reused{older})",
                           f"  calibration: intercept {cal['intercept_ms']:.3f} ms, slope "
                           f"{cal['slope']:.3f}, edge offsets "
                           + ", ".join(f"{k} {1000 * v:+.0f} us" for k, v in

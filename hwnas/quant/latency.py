@@ -489,6 +489,7 @@ class MixedProfileReport:
         cal = self.table.meta.get("calibration") or {}
         return {"table": str(self.table.path), "host": self.table.host,
                 "rows": len(self.table.rows), "measured_rows": self.measured_rows,
+                "items": self.table.meta.get("items", "units, pairs"),
                 "reused_rows": self.reused_rows, "calibrated_now": self.calibrated,
                 "resumed_rounds": self.resumed_rounds,
                 "calibration": {k: cal.get(k) for k in (
