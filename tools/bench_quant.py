@@ -9,6 +9,7 @@
         --assignments fff…,iii… --copies 4     # the protocol's noise here; head-to-head
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py joint --model det20
         # rows, calibration and 100 held-out assignments in one run: fidelity without drift
+        # (--triples: also every neighbour triple, held-out priced with pairs and with triples)
 
 `sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
 price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
@@ -119,6 +120,16 @@ def cmd_picture(args) -> None:
         pick = ps.unit_precisions(f)[i]
         print(f"  {u.name:10s} {unit[i, 0]:.3f} / {unit[i, 1] if unit.shape[1] > 1 else 0:.3f}"
               f"   {e:32s} fastest: {pick}")
+    if t.triples:  # what two neighbouring boundaries cost together beyond their sum
+        e = ps.edges
+        big = sorted(((float(t.triple_ms[j, c, d, g]), j, (c, d, g))
+                      for j in range(len(t.triples)) for c in range(2) for d in range(2)
+                      for g in range(2) if np.isfinite(t.triple_ms[j, c, d, g])),
+                     key=lambda v: -abs(v[0]))
+        print("largest triple terms (ms): " + ", ".join(
+            f"{ps.units[e[t.triples[j][0]].src].name}>{ps.units[e[t.triples[j][0]].dst].name}>"
+            f"{ps.units[e[t.triples[j][1]].dst].name} at {''.join('fi'[x] for x in cdg)} "
+            f"{v:+.3f}" for v, j, cdg in big[:6]))
     print(f"fastest {ps.text(f)} {pred.predict(f):.3f} ms; all fp32 "
           f"{pred.predict(ps.canary()):.3f} ms; all int8 {pred.predict(ps.uniform('int8')):.3f}")
 
