@@ -297,6 +297,33 @@ def _with_calibration(pred, assigns, measured):
     return MixedPredictor(t, pred.ps)
 
 
+def test_calibration_corrects_items_when_the_wholes_show_them(int8, ps, mixed_tables):
+    """Wholes that cost what the rows say plus a fixed amount per item (a unit, an edge, a
+    triple off fp32): with two calibration assignments per item the calibration learns the
+    amounts and prices unseen assignments by them; with fewer it fits no corrections."""
+    pred = MixedPredictor(load_mixed(mixed_tables, int8, ps), ps, calibrated=False)
+    items = pred.correction_items()
+    assert len(items) == 6 + 5 + 4  # units, edges, triples (fp32/int8: one choice each)
+    every = [ps.parse("".join(t)) for t in itertools.product("fi", repeat=6)]
+    extra = np.random.default_rng(0).uniform(-0.02, 0.03, len(items))
+    true = 0.01 + 1.1 * pred.predict_many(every) + pred.indicators(every, items) @ extra
+    rng = np.random.default_rng(1)
+    idx = rng.permutation(len(every))
+    cal, held = [every[j] for j in idx[:2 * len(items)]], idx[2 * len(items):]
+    fitted = _with_calibration(pred, cal, true[idx[:2 * len(items)]])
+    c = fitted.table.meta["calibration"]
+    assert len(c["corrections_ms"]) == len(items) and c["corrections_ridge"] > 0
+    err = np.abs(fitted.predict_many([every[j] for j in held]) / true[held] - 1)
+    base = _with_calibration(pred, cal[:14], true[idx[:14]])  # too few: no corrections
+    assert "corrections_ms" not in base.table.meta["calibration"]
+    err0 = np.abs(base.predict_many([every[j] for j in held]) / true[held] - 1)
+    assert err.mean() < 0.5 * err0.mean()
+    # the ILP's linear terms carry the corrections
+    prob = Problem.build(fitted, np.zeros((6, 2)), ps.weight_counts())
+    ch = np.array([a.choices for a in every])
+    assert np.allclose(prob.latency_ms(ch), fitted.predict_many(every))
+
+
 def test_guard_margin_comes_from_the_calibration_leave_one_out(int8, ps, mixed_tables):
     from hwnas.quant.latency import guard_margin_pct
     from hwnas.quant.run import choice_budget
