@@ -541,10 +541,12 @@ def fit_calibration(pred: MixedPredictor, assigns: Sequence[Arch], measured_ms: 
     correction item (`MixedPredictor.correction_items`), also a ridge correction of every
     unit, edge and triple off fp32, fitted to what the rows leave (its ridge chosen from
     `RIDGES` by 10-fold cross-validation on the calibration). Why: on det20 @ 320, rows and
-    160 whole assignments measured in one quiet run, the rows priced 85% of the held-out
-    within ±5%, and the same rows with corrections fitted on 110 of the wholes 98–100%
-    (60 were too few: 86%): what a unit or boundary costs in the whole model differs from
-    what its row measured alone, by a repeatable amount that the whole models show."""
+    160 whole assignments measured in one quiet run (AMD EPYC, 2026-11-23), the rows priced
+    85% of the 100 held-out within ±5%, and the same rows with corrections fitted on 140 of
+    the wholes 99% (5 folds; `tools/bench_quant.py joint --reuse`): what a unit or boundary
+    costs in the whole model differs from what its row measured alone, by an amount the whole
+    models show. Across runs the host's state dominates: a table profiled with 160
+    assignments (leave-one-out 97.5%) validated 71% in a later busy run, as without."""
     X = pred.features(assigns)
     y = np.asarray(measured_ms, float)
     if len(y) < X.shape[1] + 2:
