@@ -476,14 +476,14 @@ def corrected_halves(ps, pred0, res: dict, seed: int = 0) -> dict:
     the calibration assignments alone (no corrections). Rows as the run measured them
     (``rows_ms``)."""
     from hwnas.latency.validate import metrics
-    from hwnas.quant.latency import WITH_TRIPLES, MixedTable, fit_calibration
+    from hwnas.quant.latency import WITH_TRIPLES, MixedTable, all_items, fit_calibration
 
     @dataclass
     class Measured:
         best_ms: float
 
     meta = {k: v for k, v in pred0.table.meta.items() if k != "items"}
-    if len(res["rows_ms"]) > len(all_items_of(ps, False)):
+    if len(res["rows_ms"]) > len(all_items(ps, False)):
         meta["items"] = WITH_TRIPLES
     table = MixedTable(pred0.table.path, meta,
                        {k: Measured(v) for k, v in res["rows_ms"].items()})
@@ -510,12 +510,6 @@ def corrected_halves(ps, pred0, res: dict, seed: int = 0) -> dict:
             "with corrections (+ 4/5 of the held-out, 5 folds)": {
                 "calibration_n": len(cal) + len(held) - len(folds[0]),
                 "corrections_fitted": all(used), **metrics(p1, m)}}
-
-
-def all_items_of(ps, triples: bool):
-    from hwnas.quant.latency import all_items
-
-    return all_items(ps, triples)
 
 
 def cmd_joint(args) -> None:

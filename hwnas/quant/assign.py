@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwnas.quant.units import PrecisionSpace
+from hwnas.quant.units import PrecisionSpace, triple_units
 from hwnas.spaces.base import Arch
 
 
@@ -72,9 +72,7 @@ class Problem:
         out = (self.const_ms + self.unit_ms[U, ch].sum(1)
                + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1))
         if self.triples:
-            e = self.ps.edges
-            a, b, c = (np.array(v, np.int64) for v in zip(*[(e[k1].src, e[k1].dst, e[k2].dst)
-                                                           for k1, k2 in self.triples]))
+            a, b, c = triple_units(self.ps, self.triples)
             T = np.arange(len(self.triples))
             out = out + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
         return out

@@ -24,8 +24,9 @@ each edge where it happens:
   (``meta["items"]``).
 
 A candidate's price is ``intercept + slope · (Σ units + Σ edges + Σ triples) + Σ_{p>q}
-offset[p>q] · (edges at p>q)``: linear in one-hot precision variables and in the pairwise products that the
-ILP linearises (`hwnas.quant.assign`); `MixedPredictor` says why the offsets. The calibration is fitted by least squares on whole random assignments
+offset[p>q] · (edges at p>q)``: linear in one-hot precision variables and in the pairwise and
+three-way products that the ILP linearises (`hwnas.quant.assign`); `MixedPredictor` says
+why the offsets. The calibration is fitted by least squares on whole random assignments
 measured in the same interleaved run as the rows (as `hwnas profile` does, for the same reason:
 on a drifting host separate phases disagree); the all-fp32 assignment is the canary.
 
@@ -57,7 +58,7 @@ from hwnas.latency.table import LatencyTable, host_dir, new_table, now_iso, shap
 from hwnas.locks import output_lock
 from hwnas.measure import Contention, Protocol
 from hwnas.quant.realise import assignment_device, mixed_device
-from hwnas.quant.units import Edge, PrecisionSpace, pair_module, triple_module
+from hwnas.quant.units import Edge, PrecisionSpace, pair_module, triple_module, triple_units
 from hwnas.spaces.base import TOKENS, Arch, OpKey
 
 ASSIGN = "assign:"
@@ -126,7 +127,8 @@ class MixedTable(LatencyTable):
     def parse_key(cls, text: str) -> str:
         body, _, links = text.partition("@")
         parts = body.split(">")
-        if len(parts) > 3 or (links and (len(parts) == 1 or len(links.split(";")) != len(parts) - 1)):
+        if len(parts) > 3 or (links and (len(parts) == 1
+                                         or len(links.split(";")) != len(parts) - 1)):
             raise ValueError(f"row {text!r} is neither a unit key nor key>key[@links] nor "
                              "key>key>key[@links;links]")
         keys = [str(OpKey.parse(p)) for p in parts]
@@ -305,7 +307,7 @@ class MixedPredictor:
                 for d, q in enumerate(ps.units[e.dst].precisions):
                     if f"{p}>{q}" in self.pairs:
                         self._pair_ids[k, c, d] = self.pairs.index(f"{p}>{q}")
-        # [T, P, P, P]: triple t = (edge a → b, edge b → c) at choices (c, d, f), beyond its pairs
+        # [T, P, P, P]: triple t = (edge a → b, edge b → c) at choices (c, d, f), beyond pairs
         self.triples = list(ps.triples) if has_triples(table.meta) else []
         self.triple_ms = np.full((len(self.triples), P, P, P), np.nan)
         for t, (k1, k2) in enumerate(self.triples):
@@ -399,7 +401,7 @@ class MixedPredictor:
         else:
             cols = [np.zeros(len(ch)) for _ in self.pairs]
         if self.triples:
-            a, b, c = self._triple_units()
+            a, b, c = triple_units(self.ps, self.triples)
             T = np.arange(len(self.triples))
             total = total + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
         return np.column_stack([total] + cols).astype(float)
@@ -418,20 +420,13 @@ class MixedPredictor:
             dst = np.array([x.dst for x in e], np.int64)
             out = out + self.edge_corr[np.arange(len(e)), ch[:, src], ch[:, dst]].sum(1)
         if self.triples:
-            a, b, c = self._triple_units()
+            a, b, c = triple_units(self.ps, self.triples)
             out = out + self.triple_corr[np.arange(len(self.triples)), ch[:, a], ch[:, b],
                                          ch[:, c]].sum(1)
         return out
 
     def predict(self, a: Arch) -> float:
         return float(self.predict_many([a])[0])
-
-    def _triple_units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The units (a, b, c) of every triple, as index arrays."""
-        e = self.ps.edges
-        return tuple(np.array([f(k1, k2) for k1, k2 in self.triples], dtype=np.int64)
-                     for f in (lambda k1, k2: e[k1].src, lambda k1, k2: e[k1].dst,
-                               lambda k1, k2: e[k2].dst))
 
     def terms(self) -> "Terms":
         """The price as linear terms, calibration and scale applied: latency = const + Σ unit
@@ -448,7 +443,8 @@ class MixedPredictor:
 class Terms:
     """A `MixedPredictor`'s price as linear terms: `const_ms`; `unit_ms` [U, P], unit u at
     choice c; `edge_ms` [E, P, P], edge k at choices (c, d); `triple_ms` [T, P, P, P], triple t
-    (edges `triples[t]` = (a → b, b → c)) at choices (c, d, f) — empty for a table of pairs."""
+    (edges `triples[t]` = (a → b, b → c)) at choices (c, d, f); empty for a table of
+    pairs."""
 
     const_ms: float
     unit_ms: np.ndarray

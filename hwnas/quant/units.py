@@ -9,9 +9,10 @@ head → post-processing edges.
 
 Precision is a gene: `PrecisionSpace` is a `SearchSpace` whose layers are the units and whose
 choices are `Gene(kind, kernel, precision=p)` for the device's precisions, so an assignment is
-an `Arch` of it (sampled, mutated and crossed like any other). A *triple* is a path of two
-edges a → b → c: the neighbourhood whose joint cost the latency table also measures. Its text form is one letter per
-unit, ``f`` fp32, ``h`` fp16, ``i`` int8 (``ffiiii…``), decoded only by `PrecisionSpace.parse`.
+an `Arch` of it (sampled, mutated and crossed like any other). Its text form is one letter
+per unit, ``f`` fp32, ``h`` fp16, ``i`` int8 (``ffiiii…``), decoded only by
+`PrecisionSpace.parse`. A *triple* is a path of two edges a → b → c: the neighbourhood whose
+joint cost the latency table also measures.
 
 Every unit also names the ONNX node-name prefix its nodes carry in the exported candidate
 (``/blocks.3/``; ``/det/backbone/blocks.3/`` in the deployable detector): what the quantiser
@@ -248,6 +249,14 @@ def pair_module(ps: PrecisionSpace, edge: Edge) -> tuple[nn.Module, tuple[Shape,
     shapes = ua.key.in_shapes + tuple(s for i, s in enumerate(ub.key.in_shapes) if i not in fed)
     m = PairModule(a, b, edge.links, len(ua.key.in_shapes), len(ub.key.in_shapes), ua.n_outputs)
     return m.eval(), shapes
+
+
+def triple_units(ps: PrecisionSpace, triples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The units (a, b, c) of each triple (edge a → b, edge b → c) in `triples`, as index
+    arrays."""
+    e = ps.edges
+    abc = [(e[k1].src, e[k1].dst, e[k2].dst) for k1, k2 in triples]
+    return tuple(np.array([t[i] for t in abc], dtype=np.int64) for i in range(3))
 
 
 def triple_module(ps: PrecisionSpace, k1: int, k2: int) -> tuple[nn.Module, tuple[Shape, ...]]:
