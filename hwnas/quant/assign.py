@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwnas.quant.units import PrecisionSpace, triple_units
+from hwnas.quant.units import PrecisionSpace, summed_terms
 from hwnas.spaces.base import Arch
 
 
@@ -65,17 +65,8 @@ class Problem:
     # ---- evaluation of given assignments -------------------------------------------------------
     def latency_ms(self, choices: np.ndarray) -> np.ndarray:
         ch = np.atleast_2d(np.asarray(choices, np.int64))
-        U = np.arange(ch.shape[1])
-        src = np.array([e.src for e in self.ps.edges], np.int64)
-        dst = np.array([e.dst for e in self.ps.edges], np.int64)
-        E = np.arange(len(self.ps.edges))
-        out = (self.const_ms + self.unit_ms[U, ch].sum(1)
-               + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1))
-        if self.triples:
-            a, b, c = triple_units(self.ps, self.triples)
-            T = np.arange(len(self.triples))
-            out = out + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
-        return out
+        return self.const_ms + summed_terms(self.ps, ch, self.unit_ms, self.edge_ms,
+                                            self.triple_ms, self.triples)
 
     def perturbation(self, choices: np.ndarray) -> np.ndarray:
         ch = np.atleast_2d(np.asarray(choices, np.int64))

@@ -58,7 +58,8 @@ from hwnas.latency.table import LatencyTable, host_dir, new_table, now_iso, shap
 from hwnas.locks import output_lock
 from hwnas.measure import Contention, Protocol
 from hwnas.quant.realise import assignment_device, mixed_device
-from hwnas.quant.units import Edge, PrecisionSpace, pair_module, triple_module, triple_units
+from hwnas.quant.units import (Edge, PrecisionSpace, pair_module, summed_terms,
+                               triple_module)
 from hwnas.spaces.base import TOKENS, Arch, OpKey
 
 ASSIGN = "assign:"
@@ -388,42 +389,23 @@ class MixedPredictor:
         """[N, 1 + pairs]: the rows' sum (units and edges), then the edge count per precision
         pair in `self.pairs`."""
         ch = self._choices(assigns)
-        U = np.arange(len(self.ps.units))
-        total = self.unit_ms[U, ch].sum(1)
-        cols = []
+        total = summed_terms(self.ps, ch, self.unit_ms, self.edge_ms, self.triple_ms,
+                             self.triples)
         if len(self.ps.edges):
             src = np.array([e.src for e in self.ps.edges], dtype=np.int64)
             dst = np.array([e.dst for e in self.ps.edges], dtype=np.int64)
-            E = np.arange(len(self.ps.edges))
-            total = total + self.edge_ms[E, ch[:, src], ch[:, dst]].sum(1)
-            ids = self._pair_ids[E, ch[:, src], ch[:, dst]]  # [N, E]
+            ids = self._pair_ids[np.arange(len(self.ps.edges)), ch[:, src], ch[:, dst]]  # [N, E]
             cols = [(ids == j).sum(1) for j in range(len(self.pairs))]
         else:
             cols = [np.zeros(len(ch)) for _ in self.pairs]
-        if self.triples:
-            a, b, c = triple_units(self.ps, self.triples)
-            T = np.arange(len(self.triples))
-            total = total + self.triple_ms[T, ch[:, a], ch[:, b], ch[:, c]].sum(1)
         return np.column_stack([total] + cols).astype(float)
 
     def predict_many(self, assigns) -> np.ndarray:
         f = self.features(assigns)
         w = np.r_[self.slope, self.offsets]
-        return (self.intercept_ms + f @ w + self._corrections(assigns)) * self.scale
-
-    def _corrections(self, assigns) -> np.ndarray:
-        ch = self._choices(assigns)
-        out = self.unit_corr[np.arange(ch.shape[1]), ch].sum(1)
-        if len(self.ps.edges):
-            e = self.ps.edges
-            src = np.array([x.src for x in e], np.int64)
-            dst = np.array([x.dst for x in e], np.int64)
-            out = out + self.edge_corr[np.arange(len(e)), ch[:, src], ch[:, dst]].sum(1)
-        if self.triples:
-            a, b, c = triple_units(self.ps, self.triples)
-            out = out + self.triple_corr[np.arange(len(self.triples)), ch[:, a], ch[:, b],
-                                         ch[:, c]].sum(1)
-        return out
+        corr = summed_terms(self.ps, self._choices(assigns), self.unit_corr, self.edge_corr,
+                            self.triple_corr, self.triples)
+        return (self.intercept_ms + f @ w + corr) * self.scale
 
     def predict(self, a: Arch) -> float:
         return float(self.predict_many([a])[0])

@@ -259,6 +259,22 @@ def triple_units(ps: PrecisionSpace, triples) -> tuple[np.ndarray, np.ndarray, n
     return tuple(np.array([t[i] for t in abc], dtype=np.int64) for i in range(3))
 
 
+def summed_terms(ps: PrecisionSpace, ch: np.ndarray, unit: np.ndarray, edge: np.ndarray,
+                 triple: np.ndarray | None = None, triples=()) -> np.ndarray:
+    """Per assignment (rows of choices `ch` [N, U]): Σ unit[u, c] + Σ edge[k, c_src, c_dst]
+    (+ Σ triple[t, c_a, c_b, c_c] over `triples`), the one way any per-item array of a
+    candidate ([U, P], [E, P, P], [T, P, P, P]) is summed over assignments."""
+    out = unit[np.arange(ch.shape[1]), ch].sum(1)
+    if len(ps.edges):
+        src = np.array([e.src for e in ps.edges], dtype=np.int64)
+        dst = np.array([e.dst for e in ps.edges], dtype=np.int64)
+        out = out + edge[np.arange(len(ps.edges)), ch[:, src], ch[:, dst]].sum(1)
+    if len(triples):
+        a, b, c = triple_units(ps, triples)
+        out = out + triple[np.arange(len(triples)), ch[:, a], ch[:, b], ch[:, c]].sum(1)
+    return out
+
+
 def triple_module(ps: PrecisionSpace, k1: int, k2: int) -> tuple[nn.Module, tuple[Shape, ...]]:
     """The module that times the triple of edges `k1` (a → b) and `k2` (b → c): the pair
     module of a → b, then c fed by b's outputs as in the candidate. Exported node names start
