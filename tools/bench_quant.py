@@ -18,7 +18,10 @@ the all-fp32 one, both × (1 + margin); at each, the ILP's, greedy's and random 
 assignments (the same sensitivity and table), plus uniform fp32 and int8; every distinct
 assignment realised (real calibration), timed with the protocol (groups interleaved with the
 table's references) and scored (top-1 on the proxy's test split, or COCO AP on the detector's;
-`--test-n` a larger generated one). Writes
+`--test-n` a larger generated one). As `hwnas quantize --repair`, a pick measured over its
+budget is chosen again under its price scaled by the miss (`--repair` rounds, every method
+alike), and then every final assignment is timed afresh in one run: the keeps and the plane
+come from that run, not from the timing that ended the repair. Writes
 ``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; realised files are kept in
 ``<out>/models`` so a rerun resumes. The latency tables must exist
 (`hwnas quantize --profile`); the latency validation is `hwnas quantize --validate 100`.
@@ -47,8 +50,8 @@ from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, guard_margin_p
                                  margin_evidence, time_references)
 from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of,
-                             measuring_shift, pareto_plot, realise_all, sensitivity_for,
-                             time_files, whole_models)
+                             measuring_shift, pareto_plot, realise_all, repair_picks,
+                             sensitivity_for, time_files, whole_models)
 from hwnas.quant.target import load_target
 
 
@@ -192,10 +195,29 @@ def cmd_sweep(args) -> None:
     texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
     print(f"{len(budgets)} budgets {lo:.3f}..{hi:.3f} ms; {len(texts)} distinct assignments",
           file=sys.stderr)
+    whole = whole_models(target, ps, out / "models", cfg.seed)
+
+    def timing(ts):
+        _, tf = realise_all(target, ps, device, list(ts), out / "models", cfg, progress=True)
+        return time_files(ps, device, pred, tf, cfg.protocol, out / "models", group=args.group,
+                          progress=True, whole=whole)
+
+    first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
+    hist: dict = {k: [] for k in first}
+    first_ms: dict[str, float] = {}
+    if args.repair:  # as hwnas quantize: a pick measured over its budget is chosen again
+        first_ms = timing(list(dict.fromkeys(t for t in first.values() if t)))[0]
+        final, hist = repair_picks(
+            prob, {k: (k[0], k[1], t) for k, t in first.items()},
+            lambda ts: first_ms if set(ts) <= set(first_ms) else timing(ts)[0],
+            args.repair, None, args.seed)
+        picks = [(b, m, final[(b, m)]) for b, m, _ in picks]
+        texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
+        print(f"repaired {sum(bool(h) for h in hist.values())} picks; timing the "
+              f"{len(texts)} final assignments afresh", file=sys.stderr)
     files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
     measured, record = time_files(ps, device, pred, timed, cfg.protocol, out / "models",
-                                  group=args.group, progress=True,
-                                  whole=whole_models(target, ps, out / "models", cfg.seed))
+                                  group=args.group, progress=True, whole=whole)
     score, test_n = scorer(args, target)
     scores, correct = {}, {}
     for t in tqdm(texts, desc="scoring", file=sys.stderr):
@@ -214,6 +236,9 @@ def cmd_sweep(args) -> None:
                        drift_ratio=shift)
             v = budget_verdict(measured[t], b, noise, shift)  # the project's rule
             row.update(keeps_floor=v["keeps_budget_raw"], keeps_verdict=v["keeps_budget"])
+            f0 = first[(b, m)]  # the first pick and what the repair did with it
+            row.update(first_assignment=f0, first_measured_ms=first_ms.get(f0),
+                       repairs=hist[(b, m)])
         rows.append(row)
     for name, t in uniform.items():
         a = ps.parse(t)
@@ -222,6 +247,12 @@ def cmd_sweep(args) -> None:
                      "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
                      "int8_units": ps.unit_precisions(a).count("int8")})
     summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct)
+    ilp = [r for r in rows if r["name"] == "ilp" and r.get("assignment")]
+    summary.update({"repair": args.repair,
+                    "ilp_repaired": sum(bool(r["repairs"]) for r in ilp),
+                    # the first picks as the first timing found them (before any repair)
+                    "ilp_first_keeps_measured": (sum(r["first_measured_ms"] <= r["budget_ms"]
+                                                     for r in ilp) if args.repair else None)})
     summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin,
                     "margin_source": source, "test_n": test_n,
                     "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
@@ -233,7 +264,7 @@ def cmd_sweep(args) -> None:
     buf = io.StringIO()
     keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms",
             "measured_ms", "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio",
-            "metric", "perturbation"]
+            "metric", "perturbation", "first_assignment", "first_measured_ms"]
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
@@ -619,6 +650,10 @@ def main() -> None:
     ap.add_argument("--canary", choices=["off", "correct"], default="correct",
                     help="sweep: time the table's references first and scale every price by "
                     "their drift, as hwnas quantize does (default correct)")
+    ap.add_argument("--repair", type=int, default=2,
+                    help="sweep: choose again where a pick measures over its budget, at most "
+                    "this many times, as hwnas quantize --repair (default 2; 0: the first picks)"
+                    "; the final picks are then timed afresh together")
     ap.add_argument("--test-n", type=int, default=0,
                     help="sweep: score on a generated test split of this many images (default: "
                     "the model's own test split)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -81,7 +81,12 @@ class ValidationReport:
         if self.drift:
             age = f", table {self.table_age_h:.1f} h old" if self.table_age_h is not None else ""
             out.append(f"  canary drift: {self.drift['drift_pct']:+.2f}%{age}")
-        out += [f"  contention: {Contention(**{k: v for k, v in self.contention.items() if k != 'contended'}).line()}",
+        c = self.contention
+        tries = c.get("attempts_per_group")  # --quiet-retries: busy groups timed again
+        again = (f"; groups timed {sum(tries)} times for {len(tries)} (busy ones again)"
+                 if tries and sum(tries) > len(tries) else "")
+        out += [f"  contention: {Contention(**{f.name: c[f.name] for f in fields(Contention)}).line()}"
+                + again,
                 f"  noise floor:  {nf}",
                 f"  rows: {self.csv}   plot: {self.plot}"]
         return out

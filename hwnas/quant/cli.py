@@ -46,6 +46,10 @@ def add_parsers(sub) -> None:
                    help="choose under budget / (1 + PCT/100), so that the pick keeps the budget "
                    "though the table under-prices it (default auto: the 90th percentile of the "
                    "table's leave-one-out under-prediction; 0 chooses under the budget as priced)")
+    p.add_argument("--repair", type=int_range(0, 10), default=2, metavar="N",
+                   help="when the realised pick measures over the budget, choose again under "
+                   "its price scaled by the miss and time the new pick afresh, at most N times "
+                   "(default 2; 0: report the miss)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of the device's precisions (default: all; "
                    "fp32 is always allowed)")
@@ -70,6 +74,9 @@ def add_parsers(sub) -> None:
                    help="--validate: write the CSV and PNG beside the table")
     p.add_argument("--require-quiet", action="store_true",
                    help="refuse a measurement taken on a busy host (exit 2)")
+    p.add_argument("--quiet-retries", type=int_range(0, 20), default=0, metavar="N",
+                   help="--validate: time a group again (at most N more times) while the host "
+                   "was busy through it, and keep its quietest attempt (default 0)")
     p.add_argument("--tables", type=Path, default=None)
     p.add_argument("--host", default=None, metavar="ID", help="price with another host's table")
     p.add_argument("--strict", action="store_true")
@@ -107,7 +114,7 @@ def cmd_quantize(args) -> None:
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
         seed=args.seed, protocol=_protocol(args), progress=not args.quiet,
-        margin_pct=args.margin, canary=args.canary)
+        margin_pct=args.margin, canary=args.canary, repair=args.repair)
     if args.profile:
         res = run_profile(cfg, args.calibration_n, args.require_quiet)
         cal = res["calibration"]
@@ -125,7 +132,7 @@ def cmd_quantize(args) -> None:
         return
     if args.validate is not None:
         rep = run_validate(cfg, args.validate, args.out, args.publish,
-                           require_quiet=args.require_quiet)
+                           require_quiet=args.require_quiet, quiet_retries=args.quiet_retries)
         _emit(args, rep.to_dict(), rep.lines())
         return
     res = run_quantize(cfg)
