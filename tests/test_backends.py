@@ -58,3 +58,30 @@ def test_ort_memory_pattern_option_reaches_the_session(tmp_path):
             assert r.run(r.random_feed())  # and the model still runs
         finally:
             r.close()
+
+
+def test_ort_disabled_optimizers_option_reaches_the_session(tmp_path):
+    """A transformer left out by name: Conv + ReLU stay two kernels without the fusion."""
+    import dataclasses
+
+    from torch import nn
+
+    from hwnas.backends import compile_model
+    from hwnas.devices import load_device
+    from hwnas.export import export_onnx
+
+    path = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), (1, 3, 8, 8),
+                       tmp_path / "m.onnx")
+    base = load_device("cpu-ort-fp32")
+    kernels = {}
+    for off in (None, "ConvActivationFusion"):
+        opts = {**base.options, "profile_nodes": True, "graph_optimization": "extended",
+                **({"disabled_optimizers": off} if off else {})}
+        r = compile_model(path, dataclasses.replace(base, options=opts))
+        try:
+            r.run(r.random_feed())
+            kernels[off] = [name for name, _ in r.node_profile()]
+        finally:
+            r.close()
+    assert kernels[None] == ["/0/Conv"]  # fused
+    assert kernels["ConvActivationFusion"] == ["/0/Conv", "/1/Relu"]

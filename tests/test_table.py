@@ -78,3 +78,25 @@ def test_fingerprint_mismatch_warns_or_refuses(tables_copy, tiny, device, capsys
 def test_stats_fields_are_the_columns():
     s = LatencyStats(1.0, 1.1, 0.9, 1.3, 1.1, 0.1, 10, 0.01)
     assert s.best_ms == 1.0 and s.n == 10
+
+
+def test_reference_times_settle_past_a_slow_spell():
+    """The host's speed now, for pricing: timed until two timings agree, each reference at
+    its lowest; a slow spell over a whole timing does not set the prices."""
+    from hwnas.latency.lookup import settled_times
+
+    def seq(*scales):
+        calls = []
+
+        def once():
+            s = scales[len(calls)]
+            calls.append(s)
+            return {"a": 2.0 * s, "b": 3.0 * s * (1.01 if s > 1.1 else 1.0)}
+        return once, calls
+
+    once, calls = seq(1.25, 1.0, 1.01)  # slow spell, then two timings that agree
+    assert settled_times(once) == {"a": 2.0, "b": 3.0} and len(calls) == 3
+    once, calls = seq(1.0, 1.02)  # agree at once: two timings
+    assert settled_times(once) == {"a": 2.0, "b": 3.0} and len(calls) == 2
+    once, calls = seq(1.3, 1.0, 1.2, 1.0)  # never two alike: at most three, the lowest kept
+    assert settled_times(once) == {"a": 2.0, "b": 3.0} and len(calls) == 3

@@ -10,6 +10,8 @@
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py joint --model det20
         # rows, calibration and 100 held-out assignments in one run: fidelity without drift
         # (--triples: also every neighbour triple, held-out priced with pairs and with triples)
+    python tools/bench_quant.py transfer --model det20 --joint studies/quant/….json
+        # the committed table priced on another run's measured wholes (measures nothing)
 
 `sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
 price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
@@ -543,6 +545,35 @@ def corrected_halves(ps, pred0, res: dict, seed: int = 0) -> dict:
                 "corrections_fitted": all(used), **metrics(p1, m)}}
 
 
+def cmd_transfer(args) -> None:
+    """The committed table's fidelity on another run's measurements (measuring nothing): every
+    whole assignment a `joint` run measured (``--joint`` its JSON) and the table did not
+    calibrate on, priced by the table and scaled by the drift of the table's references that
+    run measured (the uniform ones: every run times them), as `--validate` scales by the
+    references timed with each group. Across two runs, on the host as it was in each."""
+    from hwnas.latency.validate import metrics
+
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    res = json.loads(Path(args.joint).read_text())
+    W = res["measured_ms"]
+    cal = set(pred.table.meta["calibration"]["assignments"])
+    held = [t for t in W if t not in cal]
+    refs = [t for t in pred.table.meta["calibration"]["assignments"][:5] if t in W]
+    if not refs:
+        raise SystemExit(f"{args.joint} measured none of the table's references")
+    ratio = float(np.median([W[t] / pred.predict(ps.parse(t)) for t in refs]))
+    p = pred.predict_many([ps.parse(t) for t in held]) * ratio
+    m = np.array([W[t] for t in held])
+    first = np.array([t[:2] for t in held])  # the stem's and block 0's precisions
+    doc = {"table": str(pred.table.path), "table_profiled": pred.table.meta.get("created"),
+           "joint": args.joint, "joint_contention": res.get("contention"),
+           "references": refs, "drift_ratio": ratio, "n": len(held),
+           "reference_corrected": metrics(p, m),
+           "by_first_two_units": {g: metrics(p[first == g], m[first == g])
+                                  for g in sorted(set(first))}}
+    print(json.dumps(doc, indent=1))
+
+
 def cmd_joint(args) -> None:
     """The latency model's fidelity with the host's drift between runs taken out: the table's
     rows, `--calibration-n` calibration assignments and `--n` held-out assignments measured in
@@ -619,7 +650,9 @@ def cmd_joint(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint",
-                                    "variant", "coverage"])
+                                    "transfer", "variant", "coverage"])
+    ap.add_argument("--joint", default=None,
+                    help="transfer: a joint run's JSON to price with the committed table")
     ap.add_argument("--n", type=int, default=100, help="joint: held-out assignments")
     ap.add_argument("--calibration-n", type=int, default=40, help="joint: calibration ones")
     ap.add_argument("--assignments", default="", help="repeat: comma-separated assignments")
@@ -660,7 +693,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
-     "repeat": cmd_repeat, "joint": cmd_joint, "variant": cmd_variant,
+     "repeat": cmd_repeat, "joint": cmd_joint, "transfer": cmd_transfer,
+     "variant": cmd_variant,
      "coverage": cmd_coverage}[args.cmd](args)
 
 

@@ -39,6 +39,8 @@ class OrtBackend(Backend):
         "providers": "execution providers in order (default [CPUExecutionProvider])",
         "profile_nodes": "keep onnxruntime's per-node trace for --explain",
         "memory_pattern": "false turns off onnxruntime's memory-pattern planner (default on)",
+        "disabled_optimizers": "graph transformers to leave out, by name, comma-separated "
+                               "(e.g. QDQPropagationTransformer; default none)",
         **INT8_OPTIONS,
     }
 
@@ -128,8 +130,11 @@ class OrtRunner(Runner):
             so.profile_file_prefix = os.path.join(self._trace_dir, "trace")
         # `compile` has checked the providers with `available(device)`
         providers = list(device.options.get("providers", ["CPUExecutionProvider"]))
+        off = device.options.get("disabled_optimizers") or []
+        off = [x.strip() for x in off.split(",")] if isinstance(off, str) else list(off)
         try:
-            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers,
+                                                **({"disabled_optimizers": off} if off else {}))
         except Exception as e:  # onnxruntime raises its own non-exported exception types
             raise UserError(f"onnxruntime cannot load {onnx_path}: {first_line(e)}") from None
         symbolic = [(i.name, i.shape) for i in self.session.get_inputs()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -114,6 +115,30 @@ def drift_from(table: LatencyTable, now: float | dict[str, float]) -> Drift:
                  now_iso(), refs)
 
 
+SETTLE_ATTEMPTS = 3  # reference timings at most, for the host's speed now
+SETTLE_AGREE_PCT = 3.0  # two timings this close (median over references) settle it
+
+
+def settled_times(time_once: Callable[[], dict[str, float]], attempts: int = SETTLE_ATTEMPTS,
+                  agree_pct: float = SETTLE_AGREE_PCT) -> dict[str, float]:
+    """The references' times now, robust to a slow spell: timed until two consecutive timings
+    agree within `agree_pct` (the median over references of their ratio), at most `attempts`
+    times, each reference at its lowest. The protocol takes a measurement's lowest round for
+    the same reason; on a shared host a slow spell can cover a whole short timing (once, all
+    five of the detector's references ran 20–29% over the table, and within 3% of it a minute
+    later), and a price scaled by that spell is a budget on a host that is gone."""
+    best = time_once()
+    last = best
+    for _ in range(attempts - 1):
+        now = time_once()
+        agree = abs(float(np.median([now[k] / last[k] for k in now])) - 1) * 100 <= agree_pct
+        best = {k: min(best[k], now[k]) for k in best}
+        last = now
+        if agree:
+            break
+    return best
+
+
 def drift_over(table: LatencyTable, groups: list[dict[str, float]]) -> Drift:
     """The drift from references timed in several groups (label → ms each): every reference at
     its median over the groups."""
@@ -127,14 +152,17 @@ def check_canary_mode(mode: str) -> None:
 
 def time_canary(table: LatencyTable, device: Device, space: SearchSpace, shape: Shape,
                 protocol: Protocol = Protocol()) -> Drift:
-    """Time the table's reference candidates now (one interleaved protocol measurement, a few
-    seconds) for the host's drift since the table was made."""
+    """Time the table's reference candidates now (interleaved protocol measurements until two
+    agree, `settled_times`; seconds) for the host's drift since the table was made."""
     from hwnas.latency.profile import candidate_builder, measure_labelled
 
     labels = list(references(table))
-    got = measure_labelled(labels, candidate_builder(space, shape), device, protocol,
-                           progress=False)
-    return drift_from(table, {k: got.stats[k].best_ms for k in labels})
+
+    def once():
+        got = measure_labelled(labels, candidate_builder(space, shape), device, protocol,
+                               progress=False)
+        return {k: got.stats[k].best_ms for k in labels}
+    return drift_from(table, settled_times(once))
 
 
 def open_predictor(device: str | Device, space: str | SearchSpace, shape: Shape | None = None,

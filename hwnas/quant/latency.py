@@ -689,16 +689,20 @@ def load_mixed(root: Path, device: Device, ps: PrecisionSpace, host: str | None 
 
 def time_references(pred: MixedPredictor, device: Device, protocol: Protocol = Protocol(),
                     whole: WholeModels = WholeModels()):
-    """Time the table's reference assignments now (the canary first; one interleaved protocol
-    measurement, built as `whole` says): the host's drift since the table was made, a
-    `hwnas.latency.lookup.Drift`, as `time_canary` gives it for a candidate table."""
-    from hwnas.latency.lookup import drift_from, references
+    """Time the table's reference assignments now (the canary first; interleaved protocol
+    measurements until two agree, `settled_times`, built as `whole` says): the host's drift
+    since the table was made, a `hwnas.latency.lookup.Drift`, as `time_canary` gives it for a
+    candidate table."""
+    from hwnas.latency.lookup import drift_from, references, settled_times
 
     refs = list(references(pred.table))
     with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
-        got = measure_runners(refs, Builder(pred.ps, device, Path(tmp), whole), protocol,
-                              progress=False)
-    return drift_from(pred.table, {r: got.stats[r].best_ms for r in refs})
+        builder = Builder(pred.ps, device, Path(tmp), whole)
+
+        def once():
+            got = measure_runners(refs, builder, protocol, progress=False)
+            return {r: got.stats[r].best_ms for r in refs}
+        return drift_from(pred.table, settled_times(once))
 
 
 # ---- validation ----------------------------------------------------------------------------------
