@@ -118,6 +118,13 @@ def session_options(device: Device):
     return so
 
 
+def disabled_optimizers(device: Device) -> list[str]:
+    """The device's `disabled_optimizers` option as a list (a TOML list, or a comma-separated
+    string as `--option K=V` gives it)."""
+    off = device.options.get("disabled_optimizers") or []
+    return [x.strip() for x in off.split(",") if x.strip()] if isinstance(off, str) else list(off)
+
+
 class OrtRunner(Runner):
     def __init__(self, onnx_path: str | Path, device: Device):
         import onnxruntime as ort
@@ -130,8 +137,7 @@ class OrtRunner(Runner):
             so.profile_file_prefix = os.path.join(self._trace_dir, "trace")
         # `compile` has checked the providers with `available(device)`
         providers = list(device.options.get("providers", ["CPUExecutionProvider"]))
-        off = device.options.get("disabled_optimizers") or []
-        off = [x.strip() for x in off.split(",")] if isinstance(off, str) else list(off)
+        off = disabled_optimizers(device)
         try:
             self.session = ort.InferenceSession(str(onnx_path), so, providers=providers,
                                                 **({"disabled_optimizers": off} if off else {}))

@@ -595,7 +595,13 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     under = margin = source = drift = None
     if cfg.budget_ms is not None:  # refused at once, before any timing
         under, margin, source = choice_budget(pred, cfg.budget_ms, cfg.margin_pct, fast)
-    notes = _int8_notes(ps, pred, fast)
+    from hwnas.backends.ort import disabled_optimizers
+
+    off = disabled_optimizers(device)
+    # the measured latency holds only in a session configured the same way
+    deploy = [f"deploy with onnxruntime.InferenceSession(..., disabled_optimizers={off!r}), "
+              f"as {device.name} times it"] if off else []
+    notes = _int8_notes(ps, pred, fast) + deploy
     with output_lock(out), tempfile.TemporaryDirectory(prefix="hwnas-quant-") as tmp:
         work = Path(tmp)
         fp32 = target.export(work / "fp32.onnx")
@@ -607,7 +613,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
             if cfg.canary == "correct":  # one factor on every price: the fastest stays fastest
                 pred = pred.scaled(drift.ratio)
                 fast_ms = pred.predict(fast)
-                notes = _int8_notes(ps, pred, fast)
+                notes = _int8_notes(ps, pred, fast) + deploy
                 if cfg.budget_ms is not None:
                     try:
                         under, margin, source = choice_budget(pred, cfg.budget_ms,
