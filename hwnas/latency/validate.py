@@ -85,8 +85,8 @@ class ValidationReport:
         tries = c.get("attempts_per_group")  # --quiet-retries: busy groups timed again
         again = (f"; groups timed {sum(tries)} times for {len(tries)} (busy ones again)"
                  if tries and sum(tries) > len(tries) else "")
-        out += [f"  contention: {Contention(**{f.name: c[f.name] for f in fields(Contention)}).line()}"
-                + again,
+        known = Contention(**{f.name: c[f.name] for f in fields(Contention) if f.name in c})
+        out += [f"  contention: {known.line()}{again}",
                 f"  noise floor:  {nf}",
                 f"  rows: {self.csv}   plot: {self.plot}"]
         return out
