@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from hwnas.locks import output_lock
 from hwnas.measure import Contention, Protocol
 from hwnas.quant.realise import assignment_device, mixed_device
 from hwnas.quant.units import (Edge, PrecisionSpace, pair_module, summed_terms,
-                               triple_module)
+                               triple_module, triple_units)
 from hwnas.spaces.base import TOKENS, Arch, OpKey
 
 ASSIGN = "assign:"
@@ -337,37 +338,29 @@ class MixedPredictor:
         return {"unit": self.unit_corr, "edge": self.edge_corr,
                 "triple": self.triple_corr}[item[0]]
 
+    def _item_units(self) -> dict[str, list[tuple[int, ...]]]:
+        """The units each correctable item spans, by kind: a unit itself, an edge's two, a
+        triple's three (`triple_units`)."""
+        ps = self.ps
+        return {"unit": [(u,) for u in range(len(ps.units))],
+                "edge": [(e.src, e.dst) for e in ps.edges],
+                "triple": list(zip(*(a.tolist() for a in triple_units(ps, self.triples))))}
+
     def correction_items(self) -> list[tuple]:
         """What a calibration may correct: every unit at each non-fp32 choice, every edge and
         (in a table with triples) every triple with all its units off fp32, as
         ``(kind, index, choices…)``."""
-        ps, out = self.ps, []
-        for u, unit in enumerate(ps.units):
-            out += [("unit", u, c) for c in range(1, len(unit.precisions))]
-        for k, e in enumerate(ps.edges):
-            out += [("edge", k, c, d) for c in range(1, len(ps.units[e.src].precisions))
-                    for d in range(1, len(ps.units[e.dst].precisions))]
-        for t, (k1, k2) in enumerate(self.triples):
-            a, b, c3 = ps.edges[k1].src, ps.edges[k1].dst, ps.edges[k2].dst
-            out += [("triple", t, c, d, f) for c in range(1, len(ps.units[a].precisions))
-                    for d in range(1, len(ps.units[b].precisions))
-                    for f in range(1, len(ps.units[c3].precisions))]
-        return out
+        units = self.ps.units
+        return [(kind, i, *cs) for kind, spans in self._item_units().items()
+                for i, span in enumerate(spans)
+                for cs in itertools.product(*(range(1, len(units[u].precisions))
+                                              for u in span))]
 
     def indicators(self, assigns, items: Sequence[tuple]) -> np.ndarray:
         """[N, len(items)]: 1 where an assignment has the item (`correction_items`)."""
         ch = self._choices(assigns)
-        e = self.ps.edges
-        cols = []
-        for it in items:
-            if it[0] == "unit":
-                cols.append(ch[:, it[1]] == it[2])
-            elif it[0] == "edge":
-                cols.append((ch[:, e[it[1]].src] == it[2]) & (ch[:, e[it[1]].dst] == it[3]))
-            else:
-                k1, k2 = self.triples[it[1]]
-                cols.append((ch[:, e[k1].src] == it[2]) & (ch[:, e[k1].dst] == it[3])
-                            & (ch[:, e[k2].dst] == it[4]))
+        spans = self._item_units()
+        cols = [np.all(ch[:, list(spans[kind][i])] == cs, axis=1) for kind, i, *cs in items]
         return np.column_stack(cols).astype(float) if cols else np.zeros((len(ch), 0))
 
     def _row(self, label: str) -> float:
