@@ -307,7 +307,8 @@ def test_repair_chooses_again_until_the_measured_pick_keeps_its_budget(ps):
     tasks = {i: (float(b), "ilp", ps.text(solve(prob, b))) for i, b in enumerate(budgets)}
     first_missed = [k for k, (b, _, t) in tasks.items() if true_ms(t) > b]
     assert first_missed  # the premise: the table's picks miss somewhere
-    final, hist = repair_picks(prob, tasks, measure, rounds=5)
+    final, hist = repair_picks(prob, tasks, measure(list({t for _, _, t in tasks.values()})),
+                               measure, rounds=5)
     for k, (b, _, t) in tasks.items():
         assert true_ms(final[k]) <= b  # every budget kept as measured
         if k not in first_missed:
@@ -323,7 +324,7 @@ def test_repair_chooses_again_until_the_measured_pick_keeps_its_budget(ps):
     # a budget below every assignment's true latency: the repair finds nothing and says so
     low = float(truth.min()) * 0.97
     f = ps.text(fastest(prob))
-    final, hist = repair_picks(prob, {0: (low, "ilp", f)}, measure, rounds=3)
+    final, hist = repair_picks(prob, {0: (low, "ilp", f)}, {f: true_ms(f)}, measure, rounds=3)
     assert final[0] == f and hist[0] and not hist[0][-1]["found"]
 
 

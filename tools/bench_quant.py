@@ -53,7 +53,7 @@ from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, guard_margin_p
 from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of,
                              measuring_shift, pareto_plot, realise_all, repair_picks,
-                             sensitivity_for, time_files, whole_models)
+                             sensitivity_for, time_files, time_texts, whole_models)
 from hwnas.quant.target import load_target
 
 
@@ -200,19 +200,15 @@ def cmd_sweep(args) -> None:
     whole = whole_models(target, ps, out / "models", cfg.seed)
 
     def timing(ts):
-        _, tf = realise_all(target, ps, device, list(ts), out / "models", cfg, progress=True)
-        return time_files(ps, device, pred, tf, cfg.protocol, out / "models", group=args.group,
-                          progress=True, whole=whole)
+        return time_texts(target, ps, device, pred, ts, out / "models", cfg, args.group)
 
     first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
     hist: dict = {k: [] for k in first}
     first_ms: dict[str, float] = {}
     if args.repair:  # as hwnas quantize: a pick measured over its budget is chosen again
-        first_ms = timing(list(dict.fromkeys(t for t in first.values() if t)))[0]
-        final, hist = repair_picks(
-            prob, {k: (k[0], k[1], t) for k, t in first.items()},
-            lambda ts: first_ms if set(ts) <= set(first_ms) else timing(ts)[0],
-            args.repair, None, args.seed)
+        first_ms = timing(list(dict.fromkeys(t for t in first.values() if t)))
+        final, hist = repair_picks(prob, {k: (k[0], k[1], t) for k, t in first.items()},
+                                   first_ms, timing, args.repair, None, args.seed)
         picks = [(b, m, final[(b, m)]) for b, m, _ in picks]
         texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
         print(f"repaired {sum(bool(h) for h in hist.values())} picks; timing the "

@@ -117,21 +117,21 @@ def repaired_under(predicted_ms: float, measured_ms: float, budget_ms: float) ->
     return predicted_ms * budget_ms / measured_ms
 
 
-def repair_picks(prob: Problem, tasks: dict, measure, rounds: int,
+def repair_picks(prob: Problem, tasks: dict, measured: dict[str, float], measure, rounds: int,
                  size_mb: float | None = None, seed: int = 0) -> tuple[dict, dict]:
     """Choose again where a pick measured over its budget, at most `rounds` times.
 
-    `tasks` maps a key to (budget_ms, method, assignment text or None); `measure(texts)` times
-    those texts (realised, with the protocol) and returns text → ms, and may return more.
-    Every round re-chooses, under `repaired_under`, each task whose pick is over budget, then
-    times the new picks together. A task whose method finds nothing under its repaired price
+    `tasks` maps a key to (budget_ms, method, assignment text or None); `measured` holds the
+    picks' first timing (text → ms); `measure(texts)` times new picks (realised, with the
+    protocol) and returns text → ms. Every round re-chooses, under `repaired_under`, each task
+    whose pick is over budget, then times the new picks together. A task whose method finds nothing under its repaired price
     keeps its pick. Returns (key → final text, key → the repairs: one dict per round with the
     pick, its price and measurement, and the price chosen under). The caller times the final
     picks afresh for its verdict: the measurement that ended the loop was selected by it."""
     ps = prob.ps
     current = {k: t for k, (_, _, t) in tasks.items()}
     history: dict = {k: [] for k in tasks}
-    measured = dict(measure([t for t in dict.fromkeys(current.values()) if t]))
+    measured = dict(measured)
     for _ in range(rounds):
         redo = [k for k, t in current.items() if t and measured[t] > tasks[k][0]]
         if not redo:
@@ -423,13 +423,14 @@ def compare_assignments(target, ps: PrecisionSpace, device: Device, pred: MixedP
     return rows, record
 
 
-def _time_texts(target, ps: PrecisionSpace, device: Device, pred: MixedPredictor,
-                texts: list[str], workdir: Path, cfg: QuantizeConfig) -> dict[str, float]:
-    """Realise `texts` (or reuse their files in `workdir`) and time them with the protocol."""
+def time_texts(target, ps: PrecisionSpace, device: Device, pred: MixedPredictor,
+               texts: list[str], workdir: Path, cfg: QuantizeConfig, group: int = 60
+               ) -> dict[str, float]:
+    """Realise `texts` (or reuse their files in `workdir`) and time them with the protocol,
+    `group` at a time (`time_files`): assignment text → ms."""
     _, timed = realise_all(target, ps, device, list(texts), workdir, cfg)
-    measured, _ = time_files(ps, device, pred, timed, cfg.protocol, workdir,
-                             progress=cfg.progress,
-                             whole=whole_models(target, ps, workdir, cfg.seed))
+    measured, _ = time_files(ps, device, pred, timed, cfg.protocol, workdir, group,
+                             cfg.progress, whole_models(target, ps, workdir, cfg.seed))
     return measured
 
 
@@ -650,11 +651,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                 and pick.measured_ms is not None and pick.measured_ms > cfg.budget_ms):
             # measured over budget: choose again under the pick's price scaled by its miss,
             # then realise the final pick and time it afresh (as compare_assignments does)
-            first = {pick.assignment: pick.measured_ms}
             final, hist = repair_picks(
                 prob, {method: (cfg.budget_ms, method, pick.assignment)},
-                lambda texts: first if set(texts) <= set(first) else _time_texts(
-                    target, ps, device, pred, texts, work, cfg),
+                {pick.assignment: pick.measured_ms},
+                lambda texts: time_texts(target, ps, device, pred, texts, work, cfg),
                 cfg.repair, cfg.size_mb, cfg.seed)
             repairs = hist[method]
             if final[method] != pick.assignment:
