@@ -17,7 +17,8 @@ from PIL import Image
 
 from hwnas.detection.cli import COMMANDS, add_parsers
 from hwnas.detection.data import generate_shapes_det, letterbox, load_coco
-from hwnas.detection.evaluate import coco_metrics, detect_onnx, detect_torch
+from hwnas.detection.evaluate import (PerImageAP, coco_metrics, detect_onnx, detect_torch,
+                                      paired_ap)
 from conftest import FAST
 from hwnas.detection.export import compare_detections, export_detector, nms_nodes
 from hwnas.detection.model import (DetectorConfig, build_detector, candidate_state_from,
@@ -230,6 +231,45 @@ def test_coco_metrics_of_ground_truth_and_of_shifted_boxes(data):
     assert coco_metrics(split, [dict(d, boxes=d["boxes"][:0], scores=d["scores"][:0],
                                      labels=d["labels"][:0]) for d in gt])["AP"] == 0.0
 
+
+
+def noisy(split, rng, jitter: float, fp: int):
+    """Ground truth with boxes jittered by up to `jitter` px, random scores and `fp` false
+    boxes per image: detections with a COCO AP well inside (0, 1)."""
+    out = []
+    for i in range(len(split)):
+        b = split.target(i)["boxes"].numpy()
+        b = b + rng.uniform(-jitter, jitter, b.shape).astype(np.float32)
+        extra = rng.uniform(0, SIZE / 2, (fp, 2)).astype(np.float32)
+        extra = np.concatenate([extra, extra + rng.uniform(4, SIZE / 2, (fp, 2))], 1)
+        out.append({"boxes": np.concatenate([b, extra.astype(np.float32)]),
+                    "scores": rng.uniform(0, 1, len(b) + fp).astype(np.float32).round(2),
+                    "labels": np.concatenate([split.labels[i], rng.integers(0, 4, fp)])})
+    return out
+
+
+def test_per_image_ap_is_pycocotools_ap_on_any_subset_and_pairs_by_bootstrap(tmp_path):
+    data = generate_shapes_det(tmp_path / "sd", seed=5, sizes={"train": 1, "val": 40, "test": 1},
+                               image_size=SIZE)
+    split = load_coco(data, "val", SIZE)
+    rng = np.random.default_rng(0)
+    good, bad = noisy(split, rng, 2.0, 2), noisy(split, rng, 6.0, 4)
+    for dets in (good, bad):
+        p = PerImageAP(split, dets)
+        assert 0.05 < p.ap() < 0.95  # not a trivial AP: every branch of the curve is used
+        # the scores round to 2 decimals, so ties across images are broken as pycocotools does
+        assert p.ap() == pytest.approx(coco_metrics(split, dets)["AP"], abs=5e-5)
+        assert p.ap(np.arange(17)) == pytest.approx(coco_metrics(split, dets[:17])["AP"],
+                                                    abs=5e-5)
+    g, b = PerImageAP(split, good), PerImageAP(split, bad)
+    same = paired_ap(g, g, resamples=200)
+    assert same["diff"] == 0 and same["ci95"] == [0, 0] and not same["significantly_worse"]
+    worse = paired_ap(b, g, resamples=200)
+    assert worse["diff"] < 0 and worse["significantly_worse"] and worse["ci95"][1] < 0
+    assert paired_ap(g, b, resamples=200)["significantly_better"]
+    nothing = [dict(d, boxes=d["boxes"][:0], scores=d["scores"][:0], labels=d["labels"][:0])
+               for d in good]
+    assert PerImageAP(split, nothing).ap() == 0.0
 
 # ---- export ----------------------------------------------------------------------------------
 def test_export_has_nms_and_matches_torch_with_many_detections(data, tmp_path):

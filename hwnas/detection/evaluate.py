@@ -39,14 +39,7 @@ def coco_metrics(split: CocoSplit, dets: list[Detections], fast: bool = False,
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-    results = []
-    for i, d in enumerate(dets):
-        _, (sx, sy) = split.image(i)
-        for (x0, y0, x1, y1), s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(),
-                                            d["labels"].tolist()):
-            x0, x1, y0, y1 = x0 / sx, x1 / sx, y0 / sy, y1 / sy
-            results.append({"image_id": split.image_ids[i], "category_id": split.cat_ids[lab],
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    results = _results(split, dets)
     if not results:  # pycocotools cannot load an empty result list; nothing found scores 0
         return {m: 0.0 for m in METRICS}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
@@ -58,6 +51,123 @@ def coco_metrics(split: CocoSplit, dets: list[Detections], fast: bool = False,
         ev.summarize()
     return {m: round(float(v), 4) for m, v in zip(METRICS, ev.stats[:6])}
 
+
+def _results(split: CocoSplit, dets: list[Detections]) -> list[dict]:
+    """`dets` as COCO result entries: original-image ``[x, y, w, h]`` and category ids."""
+    results = []
+    for i, d in enumerate(dets):
+        _, (sx, sy) = split.image(i)
+        for (x0, y0, x1, y1), s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(),
+                                            d["labels"].tolist()):
+            x0, x1, y0, y1 = x0 / sx, x1 / sx, y0 / sy, y1 / sy
+            results.append({"image_id": split.image_ids[i], "category_id": split.cat_ids[lab],
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return results
+
+
+class PerImageAP:
+    """One set of detections' COCO evaluation kept per image, so that AP (@[.5:.95], all
+    areas, 100 detections: COCO's first figure) can be read on any resample of the images by
+    pycocotools' own `accumulate`: what a paired bootstrap of two detectors needs (`paired_ap`).
+    AP does not decompose into a sum over images; its matching does, and that is kept."""
+
+    def __init__(self, split: CocoSplit, dets: list[Detections]):
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        self.n = len(dets)
+        results = _results(split, dets)
+        self.cats: list[dict] = []
+        self._boot: dict[tuple[int, int], np.ndarray] = {}
+        if not results:  # nothing found: AP 0 on every resample
+            return
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(split.ann_file))
+            ev = COCOeval(gt, gt.loadRes(results), "bbox")
+            ev.params.imgIds = list(split.image_ids[:self.n])
+            ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ["all"]
+            ev.params.maxDets = [100]
+            ev.evaluate()
+        self.iou_thrs, self.rec_thrs = np.asarray(ev.params.iouThrs), np.asarray(ev.params.recThrs)
+        # per category, evaluate()'s per-image matches laid end to end (evalImgs is
+        # [category][area (one)][image]), with each image's offset into them
+        self.cats = []
+        for k in range(len(ev._paramsEval.catIds)):
+            es = ev.evalImgs[k * self.n:(k + 1) * self.n]
+            none = np.array([e is None for e in es])
+            es = [e or {"dtScores": [], "dtMatches": np.zeros((len(self.iou_thrs), 0)),
+                        "dtIgnore": np.zeros((len(self.iou_thrs), 0), bool),
+                        "gtIgnore": np.zeros(0)} for e in es]
+            count = np.array([len(e["dtScores"][:100]) for e in es], np.int64)
+            self.cats.append({
+                "none": none, "count": count, "offset": np.concatenate([[0], np.cumsum(count)]),
+                "npig": np.array([np.count_nonzero(np.asarray(e["gtIgnore"]) == 0) for e in es]),
+                "scores": np.concatenate([np.asarray(e["dtScores"][:100], float) for e in es]),
+                "matches": np.concatenate([e["dtMatches"][:, :100] for e in es], axis=1) != 0,
+                "ignore": np.concatenate([e["dtIgnore"][:, :100] for e in es], axis=1) != 0})
+
+    def ap(self, images: np.ndarray | None = None) -> float:
+        """AP over `images` (indices into the split, repeats allowed, each repeat counted as
+        an image of its own; default all of them): pycocotools' `accumulate` over the kept
+        per-image matches, step for step (stable sort by score, cumulative true and false
+        positives, the precision envelope, read at the 101 recall thresholds), with its Python
+        loops as numpy; checked equal to `coco_metrics` in the tests."""
+        if not self.cats:
+            return 0.0
+        idx = np.arange(self.n) if images is None else np.asarray(images, np.int64)
+        rec, nt = self.rec_thrs, len(self.iou_thrs)
+        prec = []
+        for c in self.cats:
+            if c["none"][idx].all():  # no image of the resample has this category
+                continue
+            npig = int(c["npig"][idx].sum())
+            if npig == 0:
+                continue
+            # the resample's detections in its image order (as accumulate concatenates them)
+            count = c["count"][idx]
+            nd = int(count.sum())
+            if nd == 0:
+                prec.append(np.zeros((nt, len(rec))))
+                continue
+            start = np.repeat(c["offset"][idx] - np.concatenate([[0], np.cumsum(count)[:-1]]),
+                              count)
+            pos = start + np.arange(nd)
+            order = np.argsort(-c["scores"][pos], kind="mergesort")
+            dtm, ign = c["matches"][:, pos[order]], c["ignore"][:, pos[order]]
+            tp = np.cumsum(dtm & ~ign, axis=1, dtype=np.int32)
+            fp = np.cumsum(~dtm & ~ign, axis=1, dtype=np.int32)
+            pr = tp / (fp + tp + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the envelope
+            q = np.zeros((nt, len(rec)))
+            for t in range(nt):
+                at = np.searchsorted(tp[t] / npig, rec, side="left")
+                q[t] = np.where(at < nd, pr[t, np.minimum(at, nd - 1)], 0.0)
+            prec.append(q)
+        return float(np.mean(prec)) if prec else -1.0
+
+
+    def bootstrap(self, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+        """AP on each of `resamples` bootstrap resamples of the images, drawn from `seed`:
+        the same resamples for every `PerImageAP` of as many images, so that two of them are
+        compared image for image (`paired_ap`). Kept once computed."""
+        key = (resamples, seed)
+        if key not in self._boot:
+            rng = np.random.default_rng(seed)
+            self._boot[key] = np.array([self.ap(rng.integers(0, self.n, self.n))
+                                        for _ in range(resamples)])
+        return self._boot[key]
+
+
+def paired_ap(a: PerImageAP, b: PerImageAP, resamples: int = 1000, seed: int = 0) -> dict:
+    """AP(a) − AP(b) on the same images, with its 95% interval from a paired bootstrap over
+    images (both scored on each resample's images): whether a gap in AP is more than the
+    split's noise. The difference is that of the unrounded APs."""
+    if a.n != b.n:
+        raise ValueError(f"paired AP needs the same images: {a.n} against {b.n}")
+    boots = a.bootstrap(resamples, seed) - b.bootstrap(resamples, seed)
+    lo, hi = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
+    return {"diff": a.ap() - b.ap(), "ci95": [lo, hi], "resamples": resamples,
+            "significantly_worse": hi < 0, "significantly_better": lo > 0}
 
 @torch.no_grad()
 def detect_torch(det: Detector, split: CocoSplit, batch_size: int = 32,
