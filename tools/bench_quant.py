@@ -22,8 +22,11 @@ assignment realised (real calibration), timed with the protocol (groups interlea
 table's references) and scored (top-1 on the proxy's test split, or COCO AP on the detector's;
 `--test-n` a larger generated one). As `hwnas quantize --repair`, a pick measured over its
 budget is chosen again under its price scaled by the miss (`--repair` rounds, every method
-alike), and then every final assignment is timed afresh in one run: the keeps and the plane
-come from that run, not from the timing that ended the repair. Writes
+alike), and then every final assignment is timed afresh in one run (`--final-runs R`: R runs,
+each assignment at its median): the keeps and the plane come from that timing, not from the
+one that ended the repair. Where the ILP's front trails another's, the JSON lists the budget,
+both points and the paired 95% interval of the difference (top-1: per image; AP: a paired
+bootstrap over images, `hwnas.detection.evaluate.paired_ap`). Writes
 ``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; realised files are kept in
 ``<out>/models`` so a rerun resumes. The latency tables must exist
 (`hwnas quantize --profile`); the latency validation is `hwnas quantize --validate 100`.
@@ -63,6 +66,8 @@ class Model:
     arch: str
     ckpt: str
 
+
+BOOTSTRAP = 500  # resamples of a paired AP bootstrap (~0.06 s each per model at 2,000 images)
 
 MODELS = {
     "det20": Model("det20", "det20:01230123012301230123", "/work/quant-out/det20-w0.25-cls.pt"),
@@ -161,14 +166,18 @@ def scorer(args, target):
     if not n:
         return (lambda path: (target.evaluate(path, "test"), None)), None
     from hwnas.detection.data import generate_shapes_det, load_coco
-    from hwnas.detection.evaluate import coco_metrics, detect_onnx
+    from hwnas.detection.evaluate import PerImageAP, detect_onnx
 
     if target.data != "shapes-det":
         raise SystemExit("--test-n needs the built-in shapes-det data")
     s = load_coco(generate_shapes_det(sizes={"train": 1, "val": 1, "test": n},
                                       image_size=target.input_shape[-1]), "test",
                   target.input_shape[-1])
-    return (lambda path: (float(coco_metrics(s, detect_onnx(path, s))["AP"]), None)), n
+
+    def score_det(path):  # pycocotools' AP, unrounded, kept per image for paired bootstraps
+        ev = PerImageAP(s, detect_onnx(path, s))
+        return ev.ap(), ev
+    return score_det, n
 
 
 def cmd_sweep(args) -> None:
@@ -199,8 +208,11 @@ def cmd_sweep(args) -> None:
           file=sys.stderr)
     whole = whole_models(target, ps, out / "models", cfg.seed)
 
+    raw_ms: dict[str, float] = {}  # as timed; the repair sees them at the speed of pricing
+
     def timing(ts):
-        return time_texts(target, ps, device, pred, ts, out / "models", cfg, args.group)
+        return time_texts(target, ps, device, pred, ts, out / "models", cfg, args.group,
+                          priced_at=drift, raw=raw_ms)
 
     first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
     hist: dict = {k: [] for k in first}
@@ -214,8 +226,10 @@ def cmd_sweep(args) -> None:
         print(f"repaired {sum(bool(h) for h in hist.values())} picks; timing the "
               f"{len(texts)} final assignments afresh", file=sys.stderr)
     files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
-    measured, record = time_files(ps, device, pred, timed, cfg.protocol, out / "models",
-                                  group=args.group, progress=True, whole=whole)
+    runs = [time_files(ps, device, pred, timed, cfg.protocol, out / "models",
+                       group=args.group, progress=True, whole=whole)
+            for _ in range(args.final_runs)]
+    measured, record = median_runs(runs)
     score, test_n = scorer(args, target)
     scores, correct = {}, {}
     for t in tqdm(texts, desc="scoring", file=sys.stderr):
@@ -235,7 +249,8 @@ def cmd_sweep(args) -> None:
             v = budget_verdict(measured[t], b, noise, shift)  # the project's rule
             row.update(keeps_floor=v["keeps_budget_raw"], keeps_verdict=v["keeps_budget"])
             f0 = first[(b, m)]  # the first pick and what the repair did with it
-            row.update(first_assignment=f0, first_measured_ms=first_ms.get(f0),
+            row.update(first_assignment=f0, first_measured_ms=raw_ms.get(f0),
+                       first_as_priced_ms=first_ms.get(f0),
                        repairs=hist[(b, m)])
         rows.append(row)
     for name, t in uniform.items():
@@ -277,11 +292,34 @@ def cmd_sweep(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def median_runs(runs: list[tuple[dict[str, float], dict]]) -> tuple[dict[str, float], dict]:
+    """`time_files` run R times over the same files in the same groups, as one: each file's
+    median latency, each group's references at their median, each file's drift ratio at its
+    median; the runs' own latencies kept in the record (``runs_ms``)."""
+    if len(runs) == 1:
+        return runs[0]
+    ms = {t: float(np.median([m[t] for m, _ in runs])) for t in runs[0][0]}
+    record = dict(runs[0][1])
+    record["refs_now"] = [{r: float(np.median([rec["refs_now"][g][r] for _, rec in runs]))
+                           for r in group} for g, group in enumerate(record["refs_now"])]
+    if "ratio" in record:
+        record["ratio"] = {t: float(np.median([rec["ratio"][t] for _, rec in runs]))
+                           for t in record["ratio"]}
+    record["runs_ms"] = {t: [m[t] for m, _ in runs] for t in ms}
+    record["contention_runs"] = [rec["contention"] for _, rec in runs]
+    return ms, record
+
+
 def paired(correct, a: str, b: str) -> dict | None:
-    """Top-1 of `a` minus `b` on the same images, with its 95% interval (normal approximation
-    of the paired per-image difference): whether a gap is more than the test split's noise."""
+    """The metric of `a` minus `b` on the same images, with its 95% interval: whether a gap is
+    more than the test split's noise. Top-1: the normal approximation of the paired per-image
+    difference; AP (`PerImageAP`): a paired bootstrap over images."""
     if correct.get(a) is None or correct.get(b) is None:
         return None
+    if not isinstance(correct[a], np.ndarray):
+        from hwnas.detection.evaluate import paired_ap
+
+        return paired_ap(correct[a], correct[b], resamples=BOOTSTRAP)
     d = correct[a].astype(float) - correct[b].astype(float)
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
     return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
@@ -327,7 +365,7 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) 
     points.update({n: [(measured[t], scores[t], t)] for n, t in uniform.items()})
     fronts = {}
     for other in ("greedy", "random", "fp32", "int8"):
-        cmp, ge, worse, ilp_none = 0, 0, 0, 0
+        cmp, ge, worse, ilp_none, behind = 0, 0, 0, 0, []
         for b in budgets:
             o = front(points[other], b)
             if o is None:
@@ -340,8 +378,12 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) 
             ge += i[0] >= o[0] - tol
             x = paired(correct, i[1], o[1])
             worse += bool(x and x["significantly_worse"])
+            if i[0] < o[0] - tol:  # where the ILP's front trails: by how much, how surely
+                behind.append({"budget_ms": b, "ilp": i[1], "ilp_metric": i[0], "other": o[1],
+                               "other_metric": o[0], "paired": x})
         fronts[other] = {"budgets_where_it_has_a_point": cmp, "ilp_front_ge": ge,
-                         "ilp_front_significantly_worse": worse, "ilp_front_empty": ilp_none}
+                         "ilp_front_significantly_worse": worse, "ilp_front_empty": ilp_none,
+                         "behind": behind}
     return {"ilp_keeps_measured": sum(r["keeps"] for r in ilp), "ilp_budgets": len(ilp),
             "ilp_keeps_drift_corrected": sum(r["keeps_drift"] for r in ilp),
             # budget_verdict: within the device's published noise floor, without / with the
@@ -683,6 +725,9 @@ def main() -> None:
                     help="sweep: choose again where a pick measures over its budget, at most "
                     "this many times, as hwnas quantize --repair (default 2; 0: the first picks)"
                     "; the final picks are then timed afresh together")
+    ap.add_argument("--final-runs", type=int, default=1,
+                    help="sweep: time the final picks this many times over and take each one's "
+                    "median (a single timing swings 1-2%% run to run here)")
     ap.add_argument("--test-n", type=int, default=0,
                     help="sweep: score on a generated test split of this many images (default: "
                     "the model's own test split)")
