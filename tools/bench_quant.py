@@ -181,6 +181,8 @@ def scorer(args, target):
 
 
 def cmd_sweep(args) -> None:
+    if args.rescore:
+        return rescore(args)
     cfg, device, ps, pred, target, sens, out = setup(args)
     drift = None
     if args.canary == "correct":  # as hwnas quantize: priced with the host's speed now
@@ -259,7 +261,8 @@ def cmd_sweep(args) -> None:
                      "predicted_ms": pred.predict(a), "measured_ms": measured[t],
                      "metric": scores[t], "perturbation": float(prob.perturbation(a.choices)[0]),
                      "int8_units": ps.unit_precisions(a).count("int8")})
-    summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct)
+    summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct,
+                        record, drift)
     ilp = [r for r in rows if r["name"] == "ilp" and r.get("assignment")]
     summary.update({"repair": args.repair,
                     "ilp_repaired": sum(bool(r["repairs"]) for r in ilp),
@@ -274,6 +277,40 @@ def cmd_sweep(args) -> None:
                     "budgets": budgets, "fastest": ps.text(f), "protocol_span_s": args.span_s,
                     "sensitivity": {"rank_correlation": sens.rank_correlation,
                                     "fp32_metric_val": sens.base_metric}})
+    write_sweep(out, rows, summary, ps, device, pred, target)
+
+
+def rescore(args) -> None:
+    """`sweep --rescore`: score the realised files of an earlier sweep in `--out` again and
+    recompute its summary (a new --test-n, a new comparison), re-using its choices and timing."""
+    from hwnas.latency.lookup import Drift
+
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    if not (out / "sweep.json").is_file():
+        raise SystemExit(f"--rescore: no {out / 'sweep.json'}; run the sweep first")
+    old = json.loads((out / "sweep.json").read_text())
+    rows, summary = old["rows"], old["summary"]
+    drift = Drift.from_dict(summary["canary"]) if summary.get("canary") else None
+    if drift is not None:
+        pred = pred.scaled(drift.ratio)
+    uniform = {n: u["assignment"] for n, u in summary["uniform"].items()}
+    measured = {r["assignment"]: r["measured_ms"] for r in rows if r.get("assignment")}
+    score, test_n = scorer(args, target)
+    scores, correct = {}, {}
+    for t in tqdm(measured, desc="scoring", file=sys.stderr):
+        scores[t], correct[t] = score(out / "models" / f"q-{t}.onnx")
+    for r in rows:
+        if r.get("assignment"):
+            r["metric"] = scores[r["assignment"]]
+    summary.update(summarise(rows, summary["budgets"], uniform, scores, measured, pred, ps,
+                             correct, summary["timing"], drift))
+    summary["test_n"] = test_n
+    write_sweep(out, rows, summary, ps, device, pred, target)
+
+
+def write_sweep(out: Path, rows: list[dict], summary: dict, ps, device, pred, target) -> None:
+    """``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; the summary printed."""
+    margin, test_n, budgets = summary["margin_pct"], summary["test_n"], summary["budgets"]
     buf = io.StringIO()
     keys = ["budget_ms", "chosen_under_ms", "name", "assignment", "int8_units", "predicted_ms",
             "measured_ms", "keeps", "keeps_drift", "keeps_floor", "keeps_verdict", "drift_ratio",
@@ -334,7 +371,42 @@ def front(points: list[tuple[float, float, str]], budget: float):
     return max(ok) if ok else None
 
 
-def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) -> dict:
+def fronts(rows, budgets, uniform, scores, ms: dict[str, float], correct=None) -> dict:
+    """The fronts on the latency (`ms`, per assignment) - metric plane, read at every budget:
+    each method's best point (over all its picks) that keeps the budget; per other method,
+    the budgets where it has a point, where the ILP's is at least as good, where it is
+    significantly worse (paired 95%), where the ILP has none, and the budgets it trails at."""
+    correct, tol = correct or {}, 1e-9
+    points = {m: list({(ms[r["assignment"]], r["metric"], r["assignment"])
+                       for r in rows if r["name"] == m and r["assignment"]})
+              for m in ("ilp", "greedy", "random")}
+    points.update({n: [(ms[t], scores[t], t)] for n, t in uniform.items()})
+    out = {}
+    for other in ("greedy", "random", "fp32", "int8"):
+        cmp, ge, worse, ilp_none, behind = 0, 0, 0, 0, []
+        for b in budgets:
+            o = front(points[other], b)
+            if o is None:
+                continue
+            cmp += 1
+            i = front(points["ilp"], b)
+            if i is None:
+                ilp_none += 1
+                continue
+            ge += i[0] >= o[0] - tol
+            x = paired(correct, i[1], o[1])
+            worse += bool(x and x["significantly_worse"])
+            if i[0] < o[0] - tol:  # where the ILP's front trails: by how much, how surely
+                behind.append({"budget_ms": b, "ilp": i[1], "ilp_metric": i[0], "other": o[1],
+                               "other_metric": o[0], "paired": x})
+        out[other] = {"budgets_where_it_has_a_point": cmp, "ilp_front_ge": ge,
+                      "ilp_front_significantly_worse": worse, "ilp_front_empty": ilp_none,
+                      "behind": behind}
+    return out
+
+
+def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None, record=None,
+              drift=None) -> dict:
     correct = correct or {}
     ilp = [r for r in rows if r["name"] == "ilp" and r["assignment"]]
     tol = 1e-9
@@ -357,40 +429,19 @@ def summarise(rows, budgets, uniform, scores, measured, pred, ps, correct=None) 
         pairs = [r for r in ilp if measured[t] <= r["budget_ms"]]
         at_least[name] = {"budgets_where_it_keeps": len(pairs),
                           "ilp_metric_ge": sum(r["metric"] >= scores[t] - tol for r in pairs)}
-    # the fronts on the measured latency-accuracy plane, read at every budget: each method's
-    # best point (over all its picks) that keeps the budget as measured
-    points = {m: list({(measured[r["assignment"]], r["metric"], r["assignment"])
-                       for r in rows if r["name"] == m and r["assignment"]})
-              for m in ("ilp", "greedy", "random")}
-    points.update({n: [(measured[t], scores[t], t)] for n, t in uniform.items()})
-    fronts = {}
-    for other in ("greedy", "random", "fp32", "int8"):
-        cmp, ge, worse, ilp_none, behind = 0, 0, 0, 0, []
-        for b in budgets:
-            o = front(points[other], b)
-            if o is None:
-                continue
-            cmp += 1
-            i = front(points["ilp"], b)
-            if i is None:
-                ilp_none += 1
-                continue
-            ge += i[0] >= o[0] - tol
-            x = paired(correct, i[1], o[1])
-            worse += bool(x and x["significantly_worse"])
-            if i[0] < o[0] - tol:  # where the ILP's front trails: by how much, how surely
-                behind.append({"budget_ms": b, "ilp": i[1], "ilp_metric": i[0], "other": o[1],
-                               "other_metric": o[0], "paired": x})
-        fronts[other] = {"budgets_where_it_has_a_point": cmp, "ilp_front_ge": ge,
-                         "ilp_front_significantly_worse": worse, "ilp_front_empty": ilp_none,
-                         "behind": behind}
+    fronts_ = fronts(rows, budgets, uniform, scores, measured, correct)
+    # the same fronts with every latency at the host's speed when the prices were made (each
+    # divided by the shift its group's references showed): the plane the budget verdict reads
+    priced_speed = {t: measured[t] / measuring_shift(record, t, drift) for t in measured}
     return {"ilp_keeps_measured": sum(r["keeps"] for r in ilp), "ilp_budgets": len(ilp),
             "ilp_keeps_drift_corrected": sum(r["keeps_drift"] for r in ilp),
             # budget_verdict: within the device's published noise floor, without / with the
             # host's shift since the table (what every hwnas budget check reports)
             "ilp_keeps_within_noise_floor": sum(r["keeps_floor"] for r in ilp),
             "ilp_keeps_verdict": sum(r["keeps_verdict"] for r in ilp),
-            "compare": at_least, "fronts": fronts,
+            "compare": at_least, "fronts": fronts_,
+            "fronts_at_pricing_speed": fronts(rows, budgets, uniform, scores, priced_speed,
+                                              correct),
             "uniform": {n: {"assignment": t, "predicted_ms": pred.predict(ps.parse(t)),
                             "measured_ms": measured[t], "metric": scores[t]}
                         for n, t in uniform.items()}}
@@ -725,6 +776,9 @@ def main() -> None:
                     help="sweep: choose again where a pick measures over its budget, at most "
                     "this many times, as hwnas quantize --repair (default 2; 0: the first picks)"
                     "; the final picks are then timed afresh together")
+    ap.add_argument("--rescore", action="store_true",
+                    help="sweep: score the files of the sweep in --out again and recompute its "
+                    "summary, re-using its choices and timing (measures nothing)")
     ap.add_argument("--final-runs", type=int, default=1,
                     help="sweep: time the final picks this many times over and take each one's "
                     "median (a single timing swings 1-2%% run to run here)")
