@@ -136,7 +136,9 @@ def repair_picks(prob: Problem, tasks: dict, measured: dict[str, float], measure
     history: dict = {k: [] for k in tasks}
     measured = dict(measured)
     for _ in range(rounds):
-        redo = [k for k, t in current.items() if t and measured[t] > tasks[k][0]]
+        # over budget, and not already found to have nothing faster under the same price
+        redo = [k for k, t in current.items() if t and measured[t] > tasks[k][0]
+                and not (history[k] and not history[k][-1]["found"])]
         if not redo:
             break
         for k in redo:
