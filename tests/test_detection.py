@@ -232,7 +232,6 @@ def test_coco_metrics_of_ground_truth_and_of_shifted_boxes(data):
                                      labels=d["labels"][:0]) for d in gt])["AP"] == 0.0
 
 
-
 def noisy(split, rng, jitter: float, fp: int):
     """Ground truth with boxes jittered by up to `jitter` px, random scores and `fp` false
     boxes per image: detections with a COCO AP well inside (0, 1)."""
@@ -270,6 +269,7 @@ def test_per_image_ap_is_pycocotools_ap_on_any_subset_and_pairs_by_bootstrap(tmp
     nothing = [dict(d, boxes=d["boxes"][:0], scores=d["scores"][:0], labels=d["labels"][:0])
                for d in good]
     assert PerImageAP(split, nothing).ap() == 0.0
+
 
 # ---- export ----------------------------------------------------------------------------------
 def test_export_has_nms_and_matches_torch_with_many_detections(data, tmp_path):

@@ -91,7 +91,6 @@ class PerImageAP:
         self.iou_thrs, self.rec_thrs = np.asarray(ev.params.iouThrs), np.asarray(ev.params.recThrs)
         # per category, evaluate()'s per-image matches laid end to end (evalImgs is
         # [category][area (one)][image]), with each image's offset into them
-        self.cats = []
         for k in range(len(ev._paramsEval.catIds)):
             es = ev.evalImgs[k * self.n:(k + 1) * self.n]
             none = np.array([e is None for e in es])
@@ -145,7 +144,6 @@ class PerImageAP:
             prec.append(q)
         return float(np.mean(prec)) if prec else -1.0
 
-
     def bootstrap(self, resamples: int = 1000, seed: int = 0) -> np.ndarray:
         """AP on each of `resamples` bootstrap resamples of the images, drawn from `seed`:
         the same resamples for every `PerImageAP` of as many images, so that two of them are
@@ -168,6 +166,7 @@ def paired_ap(a: PerImageAP, b: PerImageAP, resamples: int = 1000, seed: int = 0
     lo, hi = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
     return {"diff": a.ap() - b.ap(), "ci95": [lo, hi], "resamples": resamples,
             "significantly_worse": hi < 0, "significantly_better": lo > 0}
+
 
 @torch.no_grad()
 def detect_torch(det: Detector, split: CocoSplit, batch_size: int = 32,
