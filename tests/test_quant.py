@@ -18,12 +18,12 @@ from hwnas.cli import main
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.export import export_onnx
-from hwnas.quant.assign import Problem, fastest, greedy, random_search, solve
+from hwnas.quant.assign import Problem, fastest, fastest_k, greedy, random_search, solve
 from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_margin_pct,
                                  has_triples, load_mixed, mixed_table_path, pair_label,
                                  profile_mixed, single_label, triple_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
-from hwnas.quant.run import _int8_notes, parse_arch, repair_picks, repaired_under
+from hwnas.quant.run import NEAREST, _int8_notes, parse_arch, repair_picks, repaired_under
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
 from hwnas.quant.target import load_target, save_classifier
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -266,6 +266,10 @@ def test_ilp_is_optimal_against_brute_force(ps, seed, triples):
                 assert prob.latency_ms(other.choices)[0] <= budget + 1e-9
                 assert prob.perturbation(other.choices)[0] >= best - 1e-9
     assert solve(prob, lat.min() - 0.01) is None
+    # the k fastest: distinct, in the brute force's order of latency
+    k = fastest_k(prob, 5)
+    assert len({tuple(a.choices) for a in k}) == 5
+    assert np.allclose([prob.latency_ms(a.choices)[0] for a in k], np.sort(lat)[:5])
     # the size limit: all int8 but nothing else fits 0.7 MB
     small = solve(prob, lat.max(), size_mb=0.7)
     assert prob.size_mb(small.choices)[0] <= 0.7
@@ -322,17 +326,36 @@ def test_repair_chooses_again_until_the_measured_pick_keeps_its_budget(ps):
                     "predicted_ms"]
     flat = [t for batch in timed for t in batch]
     assert len(flat) == len(set(flat))  # nothing timed twice
-    # a budget below every assignment's true latency: the repair finds nothing and says so
-    low = float(truth.min()) * 0.97
+    # a device on which the table's fastest runs 0.2 ms over its price (its first unit in
+    # int8), over a budget that a slightly slower-priced assignment keeps: the repair finds
+    # nothing priced faster, and the measured search of the NEAREST fastest finds that one
     f = ps.text(fastest(prob))
-    # (beside a task that is repaired, so that the loop goes round again: nothing found is
-    # not looked for again under the same price)
+    assert f[0] == "i"
+
+    def off_ms(text):
+        return float(prob.latency_ms(ps.parse(text).choices)[0]) + 0.2 * (text[0] == "i")
+
+    near = [ps.text(a) for a in fastest_k(prob, NEAREST)]
+    assert min(map(off_ms, near)) < off_ms(f)  # the premise: the table mis-orders them
+    budget = (min(map(off_ms, near)) + off_ms(f)) / 2
+    final, hist = repair_picks(prob, {0: (budget, "ilp", f)}, {f: off_ms(f)},
+                               lambda texts: {t: off_ms(t) for t in texts}, rounds=3)
+    assert not hist[0][0]["found"] and hist[0][-1]["keeps"]
+    assert set(hist[0][-1]["measured_search"]) == set(near)
+    assert off_ms(final[0]) <= budget and final[0] == min(
+        (t for t in near if off_ms(t) <= budget),
+        key=lambda t: prob.perturbation(ps.parse(t).choices)[0])
+    # below every assignment's true latency: nothing keeps it, and the search takes the fastest
+    # as measured; beside a task that is repaired, so that the loop goes round again, the one
+    # that found nothing is not looked for again under the same price
+    low = float(truth.min()) * 0.97
     k = next(k for k in first_missed if repaired[k] != f)
     timed.clear()
     final, hist = repair_picks(prob, {0: (low, "ilp", f), 1: tasks[k]},
                                {f: true_ms(f), tasks[k][2]: true_ms(tasks[k][2])}, measure,
                                rounds=3)
-    assert final[0] == f and len(hist[0]) == 1 and not hist[0][0]["found"]
+    assert [bool(h.get("found")) for h in hist[0]] == [False, False]  # one repair, one search
+    assert not hist[0][1]["keeps"] and final[0] == min(near, key=true_ms)
     assert timed and true_ms(final[1]) <= tasks[k][0]
 
 

@@ -104,8 +104,10 @@ def _layout(prob: Problem):
 
 
 def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None = None,
-          objective: str = "perturbation", time_limit_s: float = 60.0) -> Arch | None:
-    """The ILP's assignment, or None when no assignment keeps the constraints."""
+          objective: str = "perturbation", time_limit_s: float = 60.0,
+          exclude: tuple[Arch, ...] = ()) -> Arch | None:
+    """The ILP's assignment, or None when no assignment keeps the constraints; never one of
+    `exclude` (a no-good cut each: at least one unit differs)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     x, y, z, n = _layout(prob)
@@ -148,6 +150,8 @@ def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None =
         for d in range(len(zs[0])):
             for f in range(len(zs[0][0])):
                 add({**{zs[c][d][f]: 1.0 for c in range(len(zs))}, y[k2][d][f]: -1.0}, 0.0, 0.0)
+    for a in exclude:
+        add({x[u][c]: 1.0 for u, c in enumerate(a.choices)}, -np.inf, len(x) - 1.0)
     if budget_ms is not None:
         add(dict(enumerate(lat)), -np.inf, budget_ms - prob.const_ms)
     if size_mb is not None:
@@ -170,6 +174,18 @@ def solve(prob: Problem, budget_ms: float | None = None, size_mb: float | None =
 
 def fastest(prob: Problem, size_mb: float | None = None) -> Arch | None:
     return solve(prob, None, size_mb, objective="latency")
+
+
+def fastest_k(prob: Problem, k: int, size_mb: float | None = None) -> list[Arch]:
+    """The `k` fastest assignments as priced, fastest first (the ILP with latency as its
+    objective, each answer cut off from the next)."""
+    out: list[Arch] = []
+    while len(out) < k:
+        a = solve(prob, None, size_mb, objective="latency", exclude=tuple(out))
+        if a is None:
+            break
+        out.append(a)
+    return out
 
 
 def greedy(prob: Problem, budget_ms: float, size_mb: float | None = None) -> Arch | None:
