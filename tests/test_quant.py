@@ -708,3 +708,21 @@ def test_timing_runs_every_file_as_its_assignment_says(int8, ps, mixed_tables, t
     refs = record["drift"]["refs"]
     assert list(refs)[0] == "assign:ffffff" and len(refs) == 5
     assert all(r.startswith("assign:") for r in refs)
+
+
+def test_quantize_report_lists_repairs_and_a_measured_search():
+    from hwnas.quant.run import lines
+
+    res = {"method": "ilp", "budget_ms": 2.9, "assignment": "ffif", "measured_ms": 2.95,
+           "units": {"a": "fp32", "b": "fp32", "c": "int8", "d": "fp32"},
+           "predicted_ms": 2.88, "timing": {"latency_of": "the realised file"},
+           "budget": {"keeps_budget": False},
+           "repairs": [{"assignment": "ffii", "predicted_ms": 2.86, "measured_ms": 2.99,
+                        "chosen_under_ms": 2.74, "found": False},
+                       {"measured_search": {"ffii": 2.99, "ffif": 2.95}, "assignment": "ffif",
+                        "keeps": False}],
+           "metric_name": "AP", "metric": 0.52, "eval_split": "test", "file_size_mb": 2.8,
+           "output": "q.onnx", "notes": []}
+    text = "\n".join(lines(res))
+    assert "chose again under 2.740 ms (found none)" in text and "MISSED" in text
+    assert "measured search: the 2 fastest as priced timed; took ffif (none keeps" in text
