@@ -662,6 +662,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                                         "references timed just now; --canary report keeps "
                                         "them as the table has them)") from None
         corrected = drift is not None and cfg.canary == "correct"
+        priced_at = drift if corrected else None  # what measuring_shift measures from
         prob = Problem.build(pred, sens.omega_matrix(ps), counts)
         method = "given" if given is not None else cfg.method
         chosen: dict[str, Arch] = {"given": given} if given is not None else {}
@@ -684,7 +685,6 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                                            keep={method: out})
         pick = next(r for r in rows if r.name == method)
         repairs: list[dict] = []
-        priced_at = drift if corrected else None
 
         def as_priced(r):  # the pick's latency at the host's speed when it was priced
             return r.measured_ms / measuring_shift(record, r.assignment, priced_at)
@@ -725,7 +725,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         from hwnas.latency.table import host_dir
         from hwnas.latency.validate import budget_verdict
 
-        shift = measuring_shift(record, ps.text(a), drift if corrected else None)
+        shift = measuring_shift(record, ps.text(a), priced_at)
         verdict = budget_verdict(pick.measured_ms, cfg.budget_ms,
                                  host_dir(_root(cfg), device) / "noise.json", shift)
     res = {
