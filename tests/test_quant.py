@@ -18,12 +18,14 @@ from hwnas.cli import main
 from hwnas.devices import load_device
 from hwnas.errors import UserError
 from hwnas.export import export_onnx
-from hwnas.quant.assign import Problem, fastest, fastest_k, greedy, random_search, solve
+from hwnas.quant.assign import (Problem, choose_k, fastest, fastest_k, greedy, random_k,
+                               random_search, solve, solve_k)
 from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_margin_pct,
                                  has_triples, load_mixed, mixed_table_path, pair_label,
                                  profile_mixed, single_label, triple_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
-from hwnas.quant.run import NEAREST, _int8_notes, parse_arch, repair_picks, repaired_under
+from hwnas.quant.run import (NEAREST, VERIFY, _int8_notes, parse_arch, repair_picks,
+                             repaired_under, verify_picks)
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
 from hwnas.quant.target import load_target, save_classifier
 from hwnas.quant.units import PrecisionSpace, device_precisions
@@ -270,6 +272,19 @@ def test_ilp_is_optimal_against_brute_force(ps, seed, triples):
     k = fastest_k(prob, 5)
     assert len({tuple(a.choices) for a in k}) == 5
     assert np.allclose([prob.latency_ms(a.choices)[0] for a in k], np.sort(lat)[:5])
+    # the k best under a budget: the brute force's k least perturbations that keep it, and
+    # random search's k best draws, least first, its own answer the first
+    budget = float(np.median(lat))
+    ok = np.flatnonzero(lat <= budget)
+    best_k = solve_k(prob, 4, budget)
+    assert np.allclose([prob.perturbation(a.choices)[0] for a in best_k],
+                       np.sort(pert[ok])[:4])
+    r = random_k(prob, 4, budget, n=50)
+    pr = [prob.perturbation(a.choices)[0] for a in r]
+    assert len({tuple(a.choices) for a in r}) == len(r) > 1 and pr == sorted(pr)
+    assert r[0].choices == random_search(prob, budget, n=50).choices
+    assert [a.choices for a in choose_k(prob, "greedy", 4, budget)] == [
+        greedy(prob, budget).choices]
     # the size limit: all int8 but nothing else fits 0.7 MB
     small = solve(prob, lat.max(), size_mb=0.7)
     assert prob.size_mb(small.choices)[0] <= 0.7
@@ -359,6 +374,67 @@ def test_repair_chooses_again_until_the_measured_pick_keeps_its_budget(ps):
     assert timed and true_ms(final[1]) <= tasks[k][0]
 
 
+def test_verified_choice_takes_what_the_table_over_prices(ps):
+    """A device that runs every assignment 0-4% faster than the table prices it (fixed per
+    assignment): at each budget the verified choice times the ILP's VERIFY best answers
+    priced within the band above the price chosen under, and takes the least perturbation
+    among those that ran within that price, or the pick itself within its budget. It finds
+    answers of less perturbation than the pick where the table over-priced them, never
+    takes one that ran over the price chosen under, and keeps the pick where nothing better
+    ran within it."""
+    prob = _synthetic(ps, 5)
+    every = np.array(list(itertools.product([0, 1], repeat=len(ps.units))))
+    lat, pert = prob.latency_ms(every), prob.perturbation(every)
+    fast = {ps.text(prob.arch(c)): 1 - 0.04 * np.random.default_rng(int(
+        "".join(map(str, c)), 2)).random() for c in every}
+
+    def true_ms(text):
+        return float(prob.latency_ms(ps.parse(text).choices)[0]) * fast[text]
+
+    band, margin = 4.0, 1.0
+    budgets = np.linspace(lat.min() * (1 + margin / 100) * 1.01, lat.max(), 8)
+    tasks = {}
+    for i, b in enumerate(budgets):
+        under = float(b) / (1 + margin / 100)
+        tasks[i] = (float(b), under, "ilp", ps.text(solve(prob, under)))
+    timed: list[list[str]] = []
+
+    def measure(texts):
+        timed.append(list(texts))
+        return {t: true_ms(t) for t in texts}
+
+    firsts = {t for *_, t in tasks.values()}
+    final, hist = verify_picks(prob, tasks, measure(sorted(firsts)), measure, VERIFY, band)
+    better = 0
+    for i, (b, under, _, pick) in tasks.items():
+        h = hist[i][0]
+        # the pool: the pick and the ILP's VERIFY best within the band, as brute force has them
+        ok = np.flatnonzero(lat <= under * (1 + band / 100) + 1e-12)
+        pool = {pick} | {ps.text(prob.arch(every[j])) for j in ok[np.argsort(pert[ok])][:VERIFY]}
+        assert set(h["verified"]) == pool
+        keep = [t for t in pool if true_ms(t) <= under or (t == pick and true_ms(t) <= b)]
+        want = min(keep, key=lambda t: prob.perturbation(ps.parse(t).choices)[0])
+        assert final[i] == want == h["assignment"] and h["keeps"]
+        if final[i] != pick:
+            assert true_ms(final[i]) <= under < prob.latency_ms(ps.parse(final[i]).choices)[0]
+            better += prob.perturbation(ps.parse(final[i]).choices)[0] < prob.perturbation(
+                ps.parse(pick).choices)[0]
+    assert better  # the premise: somewhere the table's over-pricing hid a better answer
+    flat = [t for batch in timed for t in batch]
+    assert len(flat) == len(set(flat))  # every candidate timed once, the picks not again
+    # a device that runs everything 2% slower than priced: no other answer runs within the
+    # price chosen under, and every pick stays (or, where over its budget, stays for the repair)
+    final, hist = verify_picks(prob, tasks, {}, lambda ts: {t: true_ms(t) / fast[t] * 1.02
+                                                            for t in ts}, VERIFY, band)
+    assert final == {i: t for i, (*_, t) in tasks.items()}
+    # greedy builds one answer: its pick and its answer under the band's price are timed
+    b, under = tasks[3][:2]
+    g = {0: (b, under, "greedy", ps.text(greedy(prob, under)))}
+    _, hist = verify_picks(prob, g, {}, measure, VERIFY, band)
+    assert list(hist[0][0]["verified"]) == list(dict.fromkeys(
+        [g[0][3], ps.text(greedy(prob, under * (1 + band / 100)))]))
+
+
 def _with_calibration(pred, assigns, measured):
     """`pred` with its table's calibration refitted on `assigns` measured at `measured`."""
     import copy
@@ -433,12 +509,16 @@ def test_published_validation_sets_the_margin_until_the_table_is_recalibrated(
         int8, ps, mixed_tables, tmp_path, capsys):
     import shutil
 
-    from hwnas.quant.latency import margin_evidence
+    from hwnas.quant.latency import _loo_prices, band_evidence, margin_evidence
 
     root = tmp_path / "tables"
     shutil.copytree(mixed_tables, root)
     pred = MixedPredictor(load_mixed(root, int8, ps), ps)
     assert "leave-one-out" in margin_evidence(pred)[1]  # no validation yet
+    band, source = band_evidence(pred)  # the other side of the leave-one-out
+    y, loo = _loo_prices(pred)
+    assert "leave-one-out over-prediction" in source and band == pytest.approx(
+        max(0.0, float(np.quantile((loo / y - 1) * 100, 0.9))))
     assert main(["quantize", "--validate", "4", "--publish", "--device", "cpu-ort-int8",
                  "--space", "tiny", "--arch", ARCH, "--tables", str(root), "--span-s", "0",
                  "--quiet", "--quiet-retries", "2", "--json"]) == 0
@@ -455,6 +535,9 @@ def test_published_validation_sets_the_margin_until_the_table_is_recalibrated(
     want = max(0.0, float(np.quantile((meas / corr - 1) * 100, 0.9)))
     pct, source = margin_evidence(MixedPredictor(table, ps))
     assert pct == pytest.approx(want) and "published validation" in source
+    band, source = band_evidence(MixedPredictor(table, ps))  # read from the same CSV
+    assert band == pytest.approx(max(0.0, float(np.quantile((corr / meas - 1) * 100, 0.9))))
+    assert "over-prediction of its 4 held-out" in source
     # re-profiling replaces the calibration it validated, and drops it
     table.rows.pop(next(iter(table.rows)))
     table.save()
@@ -710,14 +793,17 @@ def test_timing_runs_every_file_as_its_assignment_says(int8, ps, mixed_tables, t
     assert all(r.startswith("assign:") for r in refs)
 
 
-def test_quantize_report_lists_repairs_and_a_measured_search():
+def test_quantize_report_lists_verification_repairs_and_a_measured_search():
     from hwnas.quant.run import lines
 
     res = {"method": "ilp", "budget_ms": 2.9, "assignment": "ffif", "measured_ms": 2.95,
            "units": {"a": "fp32", "b": "fp32", "c": "int8", "d": "fp32"},
            "predicted_ms": 2.88, "timing": {"latency_of": "the realised file"},
            "budget": {"keeps_budget": False},
-           "repairs": [{"assignment": "ffii", "predicted_ms": 2.86, "measured_ms": 2.99,
+           "verify": {"k": 6, "band_pct": 1.6, "source": "…"},
+           "repairs": [{"verified": {"ffii": 2.99, "fiii": 2.97}, "within_ms": 2.87,
+                        "assignment": "ffii", "keeps": False},
+                       {"assignment": "ffii", "predicted_ms": 2.86, "measured_ms": 2.99,
                         "chosen_under_ms": 2.74, "found": False},
                        {"measured_search": {"ffii": 2.99, "ffif": 2.95}, "assignment": "ffif",
                         "keeps": False}],
@@ -726,3 +812,4 @@ def test_quantize_report_lists_repairs_and_a_measured_search():
     text = "\n".join(lines(res))
     assert "chose again under 2.740 ms (found none)" in text and "MISSED" in text
     assert "measured search: the 2 fastest as priced timed; took ffif (none keeps" in text
+    assert "verified: 2 answers priced within 1.6% above 2.870 ms timed; none ran" in text

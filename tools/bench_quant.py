@@ -51,12 +51,12 @@ from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
-from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, guard_margin_pct, load_mixed,
-                                 margin_evidence, time_references)
+from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, band_evidence,
+                                 guard_margin_pct, load_mixed, margin_evidence, time_references)
 from hwnas.quant.realise import assignment_device
 from hwnas.quant.run import (QuantizeConfig, _precision_space, _root, latency_of,
                              measuring_shift, pareto_plot, realise_all, repair_picks,
-                             sensitivity_for, time_files, time_texts, whole_models)
+                             sensitivity_for, time_files, time_texts, verify_picks, whole_models)
 from hwnas.quant.target import load_target
 
 
@@ -219,14 +219,29 @@ def cmd_sweep(args) -> None:
     first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
     hist: dict = {k: [] for k in first}
     first_ms: dict[str, float] = {}
-    if args.repair:  # as hwnas quantize: a pick measured over its budget is chosen again
+    band = band_source = None
+    if args.verify or args.repair:  # as hwnas quantize, after the picks' first timing
         first_ms = timing(list(dict.fromkeys(t for t in first.values() if t)))
-        final, hist = repair_picks(prob, {k: (k[0], k[1], t) for k, t in first.items()},
-                                   first_ms, timing, args.repair, None, args.seed)
-        picks = [(b, m, final[(b, m)]) for b, m, _ in picks]
+        current, seen = dict(first), dict(first_ms)
+        if args.verify:  # timing decides among each method's answers near its budget
+            band, band_source = band_evidence(pred)
+            current, vh = verify_picks(prob, {key: (key[0], key[0] / k, key[1], t)
+                                              for key, t in current.items()},
+                                       seen, timing, args.verify, band, None, args.seed)
+            seen.update({t: ms for h in vh.values() for e in h
+                         for t, ms in e["verified"].items()})
+            for key in hist:
+                hist[key] += vh[key]
+        if args.repair:  # a pick measured over its budget is chosen again
+            current, rh = repair_picks(prob, {key: (key[0], key[1], t)
+                                              for key, t in current.items()},
+                                       seen, timing, args.repair, None, args.seed)
+            for key in hist:
+                hist[key] += rh[key]
+        picks = [(b, m, current[(b, m)]) for b, m, _ in picks]
         texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
-        print(f"repaired {sum(bool(h) for h in hist.values())} picks; timing the "
-              f"{len(texts)} final assignments afresh", file=sys.stderr)
+        print(f"verified or repaired {sum(current[key] != first[key] for key in first)} "
+              f"picks; timing the {len(texts)} final assignments afresh", file=sys.stderr)
     files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
     runs = [time_files(ps, device, pred, timed, cfg.protocol, out / "models",
                        group=args.group, progress=True, whole=whole)
@@ -264,8 +279,14 @@ def cmd_sweep(args) -> None:
     summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct,
                         record, drift)
     ilp = [r for r in rows if r["name"] == "ilp" and r.get("assignment")]
-    summary.update({"repair": args.repair,
-                    "ilp_repaired": sum(bool(r["repairs"]) for r in ilp),
+    summary.update({"verify": {"k": args.verify, "band_pct": band, "source": band_source},
+                    # the ILP's picks the verified choice changed, and those repaired
+                    "ilp_verified": sum(any("verified" in h and h["assignment"]
+                                            != r["first_assignment"] for h in r["repairs"])
+                                        for r in ilp),
+                    "repair": args.repair,
+                    "ilp_repaired": sum(any("verified" not in h for h in r["repairs"])
+                                        for r in ilp),
                     # the first picks as the first timing found them (before any repair)
                     "ilp_first_keeps_measured": (sum(r["first_measured_ms"] <= r["budget_ms"]
                                                      for r in ilp) if args.repair else None)})
@@ -776,6 +797,10 @@ def main() -> None:
                     help="sweep: choose again where a pick measures over its budget, at most "
                     "this many times, as hwnas quantize --repair (default 2; 0: the first picks)"
                     "; the final picks are then timed afresh together")
+    ap.add_argument("--verify", type=int, default=QuantizeConfig.verify,
+                    help="sweep: time each method's K best answers near its budget and take the "
+                    "least perturbation that ran within it, as hwnas quantize --verify "
+                    "(default %(default)s; 0: off)")
     ap.add_argument("--rescore", action="store_true",
                     help="sweep: score the files of the sweep in --out again and recompute its "
                     "summary, re-using its choices and timing (measures nothing)")

@@ -176,16 +176,21 @@ def fastest(prob: Problem, size_mb: float | None = None) -> Arch | None:
     return solve(prob, None, size_mb, objective="latency")
 
 
-def fastest_k(prob: Problem, k: int, size_mb: float | None = None) -> list[Arch]:
-    """The `k` fastest assignments as priced, fastest first (the ILP with latency as its
-    objective, each answer cut off from the next)."""
+def solve_k(prob: Problem, k: int, budget_ms: float | None = None,
+            size_mb: float | None = None, objective: str = "perturbation") -> list[Arch]:
+    """The ILP's `k` best answers, best first: each one cut off from the next (`exclude`)."""
     out: list[Arch] = []
     while len(out) < k:
-        a = solve(prob, None, size_mb, objective="latency", exclude=tuple(out))
+        a = solve(prob, budget_ms, size_mb, objective=objective, exclude=tuple(out))
         if a is None:
             break
         out.append(a)
     return out
+
+
+def fastest_k(prob: Problem, k: int, size_mb: float | None = None) -> list[Arch]:
+    """The `k` fastest assignments as priced, fastest first."""
+    return solve_k(prob, k, None, size_mb, objective="latency")
 
 
 def greedy(prob: Problem, budget_ms: float, size_mb: float | None = None) -> Arch | None:
@@ -217,18 +222,43 @@ def random_search(prob: Problem, budget_ms: float, size_mb: float | None = None,
                   n: int = 2000, seed: int = 0) -> Arch | None:
     """The lowest-perturbation assignment among `n` stratified random draws (and all fp32)
     that keep the budget; None if none does."""
+    best = random_k(prob, 1, budget_ms, size_mb, n, seed)
+    return best[0] if best else None
+
+
+def random_k(prob: Problem, k: int, budget_ms: float, size_mb: float | None = None,
+             n: int = 2000, seed: int = 0) -> list[Arch]:
+    """The `k` distinct draws of `random_search` of least perturbation that keep the budget,
+    least first (a stable order: ties keep the draws' order)."""
     draws = prob.ps.sample_stratified(n, np.random.default_rng(seed))
     ch = np.array([prob.ps.canary().choices] + [a.choices for a in draws], np.int64)
     ok = prob.latency_ms(ch) <= budget_ms
     if size_mb is not None:
         ok &= prob.size_mb(ch) <= size_mb
-    if not ok.any():
-        return None
-    pert = np.where(ok, prob.perturbation(ch), np.inf)
-    return prob.arch(ch[int(np.argmin(pert))])
+    idx = np.flatnonzero(ok)
+    out: dict[tuple, Arch] = {}
+    for i in idx[np.argsort(prob.perturbation(ch[idx]), kind="stable")]:
+        out.setdefault(tuple(ch[i]), prob.arch(ch[i]))
+        if len(out) == k:
+            break
+    return list(out.values())
 
 
 METHODS = ("ilp", "greedy", "random")
+
+
+def choose_k(prob: Problem, method: str, k: int, budget_ms: float,
+             size_mb: float | None = None, seed: int = 0) -> list[Arch]:
+    """A method's `k` best answers under the budget, best first: the ILP's (`solve_k`) and
+    random search's (`random_k`) by perturbation; greedy builds one assignment, so at most it."""
+    if method == "greedy":
+        a = greedy(prob, budget_ms, size_mb)
+        return [] if a is None else [a]
+    if method == "ilp":
+        return solve_k(prob, k, budget_ms, size_mb)
+    if method == "random":
+        return random_k(prob, k, budget_ms, size_mb, seed=seed)
+    raise ValueError(f"unknown method {method!r}")
 
 
 def choose(prob: Problem, method: str, budget_ms: float, size_mb: float | None = None,

@@ -50,6 +50,11 @@ def add_parsers(sub) -> None:
                    help="when the realised pick measures over the budget, choose again under "
                    "its price scaled by the miss and time the new pick afresh, at most N times "
                    "(default 2; 0: report the miss)")
+    p.add_argument("--verify", type=int_range(0, 50), default=6, metavar="K",
+                   help="time the method's K best answers priced up to the table's own "
+                   "over-prediction above the price it chose under, and take the one of least "
+                   "perturbation that ran within that price: where the table cannot tell "
+                   "answers apart, timing does (default 6; 0: the pick as priced)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of the device's precisions (default: all; "
                    "fp32 is always allowed)")
@@ -114,7 +119,8 @@ def cmd_quantize(args) -> None:
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
         seed=args.seed, protocol=_protocol(args), progress=not args.quiet,
-        margin_pct=args.margin, canary=args.canary, repair=args.repair)
+        margin_pct=args.margin, canary=args.canary, repair=args.repair,
+        verify=args.verify)
     if args.profile:
         res = run_profile(cfg, args.calibration_n, args.require_quiet)
         cal = res["calibration"]

@@ -449,15 +449,22 @@ def guard_margin_pct(pred: MixedPredictor, quantile: float = MARGIN_QUANTILE) ->
     the time. Measured on det20 @ 320 (AMD EPYC, 2026-11-22 sweep): without a margin 4 of 20
     ILP picks ran 1.2-2.6% over their budgets; the table's leave-one-out 90th percentile of
     under-prediction is 5.2% (det20) and 2.3% (the detector)."""
+    measured, priced = _loo_prices(pred)
+    return under_quantile_pct(measured, priced, quantile)
+
+
+def _loo_prices(pred: MixedPredictor) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration assignments as its sidecar records them measured, and each one priced
+    by the fit made without it (leave-one-out); empty without a calibration."""
     cal = pred.table.meta.get("calibration") or {}
     if not cal.get("assignments"):
-        return 0.0
+        return np.zeros(0), np.zeros(0)
     assigns = [pred.ps.parse(t) for t in cal["assignments"]]
     y = np.asarray(cal["measured_ms"], float)
     A = np.c_[np.ones(len(assigns)), pred.features(assigns)]
     G = pred.indicators(assigns, pred.correction_items())
     loo = _cv_errors_pct(A, G, y, cal.get("corrections_ridge"))
-    return under_quantile_pct(y, y * (1 + loo / 100), quantile)
+    return y, y * (1 + loo / 100)
 
 
 def margin_evidence(pred: MixedPredictor) -> tuple[float, str]:
@@ -477,6 +484,30 @@ def margin_evidence(pred: MixedPredictor) -> tuple[float, str]:
             f"drift-corrected under-prediction of its {v['n']} held-out assignments")
     return guard_margin_pct(pred), (f"the table's calibration: {100 * MARGIN_QUANTILE:.0f}th "
                                     "percentile of its leave-one-out under-prediction")
+
+
+def band_evidence(pred: MixedPredictor) -> tuple[float, str]:
+    """How much faster than its price an assignment may run, by the table's own evidence (the
+    other side of `margin_evidence`): the `MARGIN_QUANTILE` of priced / measured - 1, in %, over
+    its published validation's held-out assignments, drift-corrected (the validation CSV beside
+    the table), else over its calibration's leave-one-out. The verified choice
+    (`hwnas.quant.run.verify_picks`) looks this far above the price it chooses under: an
+    assignment the table over-prices by that much may in fact keep the budget."""
+    v = pred.table.meta.get("validation") or {}
+    path = Path(pred.table.path).parent / v["csv"] if v.get("csv") else None
+    if path is not None and path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "canary_corrected_ms" in rows[0]:
+            return under_quantile_pct([float(r["canary_corrected_ms"]) for r in rows],
+                                      [float(r["measured_ms"]) for r in rows]), (
+                f"the table's published validation: {100 * MARGIN_QUANTILE:.0f}th percentile "
+                f"of the drift-corrected over-prediction of its {len(rows)} held-out "
+                "assignments")
+    measured, priced = _loo_prices(pred)
+    return under_quantile_pct(priced, measured), (
+        f"the table's calibration: {100 * MARGIN_QUANTILE:.0f}th percentile of its "
+        "leave-one-out over-prediction")
 
 
 RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)
