@@ -738,7 +738,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                                            keep={method: out})
         pick = next(r for r in rows if r.name == method)
         repairs: list[dict] = []
-        band = None
+        band = band_source = None
 
         def as_priced(r):  # the pick's latency at the host's speed when it was priced
             return r.measured_ms / measuring_shift(record, r.assignment, priced_at)
