@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from hwnas.fileio import atomic_write_text
 from hwnas.latency.table import host_dir
-from hwnas.latency.validate import budget_verdict
+from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, band_evidence,
@@ -219,15 +219,16 @@ def cmd_sweep(args) -> None:
     first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
     hist: dict = {k: [] for k in first}
     first_ms: dict[str, float] = {}
-    band = band_source = None
+    band = band_source = guard = None
     if args.verify or args.repair:  # as hwnas quantize, after the picks' first timing
         first_ms = timing(list(dict.fromkeys(t for t in first.values() if t)))
         current, seen = dict(first), dict(first_ms)
         if args.verify:  # timing decides among each method's answers near its budget
             band, band_source = band_evidence(pred)
+            guard = noise_tolerance_pct(host_dir(_root(cfg), device) / "noise.json")
             current, vh = verify_picks(prob, {key: (key[0], key[0] / k, key[1], t)
                                               for key, t in current.items()},
-                                       seen, timing, args.verify, band, None, args.seed)
+                                       seen, timing, args.verify, band, guard, None, args.seed)
             seen.update({t: ms for h in vh.values() for e in h
                          for t, ms in e["verified"].items()})
             for key in hist:
@@ -279,7 +280,8 @@ def cmd_sweep(args) -> None:
     summary = summarise(rows, budgets, uniform, scores, measured, pred, ps, correct,
                         record, drift)
     ilp = [r for r in rows if r["name"] == "ilp" and r.get("assignment")]
-    summary.update({"verify": {"k": args.verify, "band_pct": band, "source": band_source},
+    summary.update({"verify": {"k": args.verify, "band_pct": band, "source": band_source,
+                               "guard_pct": guard},
                     # the ILP's picks the verified choice changed, and those repaired
                     "ilp_verified": sum(any("verified" in h and h["assignment"]
                                             != r["first_assignment"] for h in r["repairs"])

@@ -102,6 +102,12 @@ def noise_floor_pct(noise_file: Path) -> float | None:
 DEFAULT_NOISE_PCT = 3.0  # the tolerance where `hwnas noise --publish` has not been run
 
 
+def noise_tolerance_pct(noise_file: Path) -> float:
+    """The budget check's tolerance: the published noise floor, else `DEFAULT_NOISE_PCT`."""
+    noise = noise_floor_pct(noise_file)
+    return noise if noise is not None else DEFAULT_NOISE_PCT
+
+
 def budget_verdict(measured_ms: float, budget_ms: float, noise_file: Path,
                    shift: float = 1.0) -> dict:
     """The one budget check: a measured latency keeps `budget_ms` when it is within the
@@ -109,8 +115,7 @@ def budget_verdict(measured_ms: float, budget_ms: float, noise_file: Path,
     host's change between pricing and measuring (`shift`: the reference candidates timed with
     the measurement vs when the prices were made, `Drift.shift`; 1.10 = the host is 10% slower
     now). `keeps_budget_raw` ignores the shift."""
-    noise = noise_floor_pct(noise_file)
-    tol = noise if noise is not None else DEFAULT_NOISE_PCT
+    noise, tol = noise_floor_pct(noise_file), noise_tolerance_pct(noise_file)
     return {"budget_ms": budget_ms, "measured_ms": measured_ms, "noise_floor_pct": noise,
             "tolerance_pct": tol, "host_shift_pct": round((shift - 1) * 100, 2),
             "keeps_budget": measured_ms <= budget_ms * shift * (1 + tol / 100),
