@@ -24,7 +24,7 @@ from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_ma
                                  has_triples, load_mixed, mixed_table_path, pair_label,
                                  profile_mixed, single_label, triple_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
-from hwnas.quant.run import (NEAREST, VERIFY, _int8_notes, parse_arch, repair_picks,
+from hwnas.quant.run import (NEAREST, _int8_notes, parse_arch, repair_picks,
                              repaired_under, verify_picks)
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
 from hwnas.quant.target import load_target, save_classifier
@@ -374,9 +374,12 @@ def test_repair_chooses_again_until_the_measured_pick_keeps_its_budget(ps):
     assert timed and true_ms(final[1]) <= tasks[k][0]
 
 
+K = 6  # the verified choice's answers per task in its tests
+
+
 def test_verified_choice_takes_what_the_table_over_prices(ps):
     """A device that runs every assignment 0-4% faster than the table prices it (fixed per
-    assignment): at each budget the verified choice times the ILP's VERIFY best answers
+    assignment): at each budget the verified choice times the ILP's K best answers
     priced within the band above the price chosen under, and takes the least perturbation
     among those that ran within the budget less the guard, or the pick itself within its
     budget. It finds answers of less perturbation than the pick where the table over-priced
@@ -404,14 +407,14 @@ def test_verified_choice_takes_what_the_table_over_prices(ps):
         return {t: true_ms(t) for t in texts}
 
     firsts = {t for *_, t in tasks.values()}
-    final, hist = verify_picks(prob, tasks, measure(sorted(firsts)), measure, VERIFY, band,
+    final, hist = verify_picks(prob, tasks, measure(sorted(firsts)), measure, K, band,
                                guard)
     better = 0
     for i, (b, under, _, pick) in tasks.items():
         h = hist[i][0]
-        # the pool: the pick and the ILP's VERIFY best within the band, as brute force has them
+        # the pool: the pick and the ILP's K best within the band, as brute force has them
         ok = np.flatnonzero(lat <= under * (1 + band / 100) + 1e-12)
-        pool = {pick} | {ps.text(prob.arch(every[j])) for j in ok[np.argsort(pert[ok])][:VERIFY]}
+        pool = {pick} | {ps.text(prob.arch(every[j])) for j in ok[np.argsort(pert[ok])][:K]}
         assert set(h["verified"]) == pool
         within = b / (1 + guard / 100)
         keep = [t for t in pool if true_ms(t) <= within or (t == pick and true_ms(t) <= b)]
@@ -429,14 +432,14 @@ def test_verified_choice_takes_what_the_table_over_prices(ps):
     # a device that runs everything 2% slower than priced: nothing of less perturbation than a
     # pick runs within the guard, so a pick that keeps its budget stays
     slow = {t: true_ms(t) / fast[t] * 1.02 for t in fast}
-    final, hist = verify_picks(prob, tasks, {}, lambda ts: {t: slow[t] for t in ts}, VERIFY,
+    final, hist = verify_picks(prob, tasks, {}, lambda ts: {t: slow[t] for t in ts}, K,
                                band, guard)
     kept = [i for i, (b, _, _, t) in tasks.items() if slow[t] <= b]
     assert kept and all(final[i] == tasks[i][3] for i in kept)
     # greedy builds one answer: its pick and its answer under the band's price are timed
     b, under = tasks[3][:2]
     g = {0: (b, under, "greedy", ps.text(greedy(prob, under)))}
-    _, hist = verify_picks(prob, g, {}, measure, VERIFY, band, guard)
+    _, hist = verify_picks(prob, g, {}, measure, K, band, guard)
     assert list(hist[0][0]["verified"]) == list(dict.fromkeys(
         [g[0][3], ps.text(greedy(prob, under * (1 + band / 100)))]))
 
@@ -626,7 +629,8 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     budget = round(float(np.quantile(lat, 0.6)) * (1 + guard_margin_pct(pred) / 100), 6)
     out = tmp_path / "q.onnx"
     assert main(_args(mixed_tables, classifier, out, "--budget-ms", f"{budget:.6f}", "--json",
-                      "--compare", "--margin", "auto", "--canary", "report")) == 0
+                      "--compare", "--margin", "auto", "--canary", "report",
+                      "--verify", "6")) == 0
     res = json.loads(capsys.readouterr().out)
     mg = res["margin"]  # chosen under the budget less the table's own margin
     assert res["method"] == "ilp" and mg["pct"] == pytest.approx(guard_margin_pct(pred))
@@ -676,6 +680,7 @@ def test_cli_quantize_prices_with_the_host_speed_now(classifier, mixed_tables, t
     res = json.loads(capsys.readouterr().out)
     cn = res["canary"]
     assert cn["mode"] == "correct" and cn["corrected"] and len(cn["drift"]["refs"]) >= 2
+    assert res["verify"] is None and not any("verified" in r for r in res["repairs"])  # opt-in
     ratio = cn["drift"]["ratio"]
     assert res["predicted_ms"] == pytest.approx(pred.predict(ps.parse(res["assignment"])) * ratio)
     assert res["fastest"]["predicted_ms"] == pytest.approx(

@@ -801,8 +801,8 @@ def main() -> None:
                     "; the final picks are then timed afresh together")
     ap.add_argument("--verify", type=int, default=QuantizeConfig.verify,
                     help="sweep: time each method's K best answers near its budget and take the "
-                    "least perturbation that ran within it, as hwnas quantize --verify "
-                    "(default %(default)s; 0: off)")
+                    "least perturbation that ran within it, as hwnas quantize --verify K "
+                    "(default %(default)s: off)")
     ap.add_argument("--rescore", action="store_true",
                     help="sweep: score the files of the sweep in --out again and recompute its "
                     "summary, re-using its choices and timing (measures nothing)")

@@ -50,11 +50,11 @@ def add_parsers(sub) -> None:
                    help="when the realised pick measures over the budget, choose again under "
                    "its price scaled by the miss and time the new pick afresh, at most N times "
                    "(default 2; 0: report the miss)")
-    p.add_argument("--verify", type=int_range(0, 50), default=6, metavar="K",
-                   help="time the method's K best answers priced up to the table's own "
+    p.add_argument("--verify", type=int_range(0, 50), default=0, metavar="K",
+                   help="also time the method's K best answers priced up to the table's own "
                    "over-prediction above the price it chose under, and take the one of least "
-                   "perturbation that ran within that price: where the table cannot tell "
-                   "answers apart, timing does (default 6; 0: the pick as priced)")
+                   "perturbation that ran within the budget less the noise floor (default 0: "
+                   "off; on this host's sweeps it gained nothing, see the README)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of the device's precisions (default: all; "
                    "fp32 is always allowed)")

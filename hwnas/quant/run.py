@@ -50,9 +50,6 @@ from hwnas.spaces import get_space
 from hwnas.spaces.base import Arch, SearchSpace, Shape
 
 
-VERIFY = 6  # a method's best answers the verified choice times (`hwnas quantize --verify`)
-
-
 @dataclass
 class QuantizeConfig:
     device: str
@@ -86,7 +83,7 @@ class QuantizeConfig:
     margin_pct: float | None = None  # choose under budget / (1 + margin); None: the table's own
     canary: str = "correct"  # off | report | correct: time the table's references first
     repair: int = 2  # re-choose at most this many times when the pick measures over budget
-    verify: int = VERIFY  # time this many of the method's best answers near the budget (0: off)
+    verify: int = 0  # time this many of the method's best answers near the budget (0: off)
 
 
 def choice_budget(pred: MixedPredictor, budget_ms: float, margin_pct: float | None,
