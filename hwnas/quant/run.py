@@ -780,8 +780,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                 lowest = [r for r in hist[method]
                           if "chosen_under_ms" in r][-1]["chosen_under_ms"]
                 notes.append(f"measured over budget after {len(hist[method])} repair(s) "
-                             f"(--repair {cfg.repair}): no assignment priced under {lowest:.3f} ms was "
-                             "found or kept it"
+                             f"(--repair {cfg.repair}): no assignment priced under "
+                             f"{lowest:.3f} ms was found or kept it"
                              + (f", nor any of the {len(searched[-1]['measured_search'])} "
                                 "fastest as priced, timed" if searched else ""))
         if (pick.measured_ms is not None and cfg.budget_ms is not None
