@@ -22,7 +22,8 @@ assignment realised (real calibration), timed with the protocol (groups interlea
 table's references) and scored (top-1 on the proxy's test split, or COCO AP on the detector's;
 `--test-n` a larger generated one). As `hwnas quantize --repair`, a pick measured over its
 budget is chosen again under its price scaled by the miss (`--repair` rounds, every method
-alike), and then every final assignment is timed afresh in one run (`--final-runs R`: R runs,
+alike; `--verify K` first, the verified choice of `hwnas quantize --verify`), and then every
+final assignment is timed afresh in one run (`--final-runs R`: R runs,
 each assignment at its median): the keeps and the plane come from that timing, not from the
 one that ended the repair. Where the ILP's front trails another's, the JSON lists the budget,
 both points and the paired 95% interval of the difference (top-1: per image; AP: a paired
