@@ -12,6 +12,8 @@
         # (--triples: also every neighbour triple, held-out priced with pairs and with triples)
     python tools/bench_quant.py transfer --model det20 --joint studies/quant/….json
         # the committed table priced on another run's measured wholes (measures nothing)
+    python tools/bench_quant.py objective --model det20 --device cpu-ort-int8-noprop \
+        --test-n 20000    # the ILP under HAWQ's Ω vs under the realised single-unit KL
 
 `sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
 price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
@@ -555,6 +557,101 @@ def cmd_variant(args) -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "measured_ms"}, indent=1))
 
 
+def _logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """The batch-1 classifier ONNX file's logits [N, classes] on images `x` (onnxruntime, CPU)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[j:j + 1]})[0] for j in range(len(x))])
+
+
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over images of KL(softmax p ‖ softmax q)."""
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+def cmd_objective(args) -> None:
+    """HAWQ's Ω against a measured alternative as the ILP's objective, at equal priced budgets:
+    per unit, the mean KL divergence of the realised model with that unit alone in int8 from the
+    fp32 model (ZeroQ's sensitivity, here on real validation images and through the real
+    quantiser: weights and activations both), then at `--budgets` priced budgets from the
+    fastest assignment to all fp32 the ILP's pick under each objective, scored on the test split
+    (`--test-n`) with the paired 95% interval. Measures no latency. Classifiers only."""
+    from hwnas.data import load_data
+    from hwnas.quant.realise import realise
+    from hwnas.quant.sensitivity import spearman
+
+    cfg, device, ps, pred, target, sens, out = setup(args)
+    if target.kind != "classifier":
+        raise SystemExit("objective: the KL sensitivity is defined for classifiers (--model det20)")
+    models = out / "models"
+    fp32 = _fp32(target, models)
+    feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
+    x = load_data(target.data, target.input_shape[-1],
+                  {"train": 1, "val": args.kl_n, "test": 1}).val
+    x = x.batch(np.arange(len(x)))[0].numpy()
+    ref = _logits(fp32, x)
+
+    def realised(t: str) -> Path:
+        path = models / f"q-{t}.onnx"
+        if not path.is_file():
+            realise(fp32, path, device, ps, ps.parse(t), feeds)
+        return path
+
+    kl = []
+    for i, u in enumerate(tqdm(ps.units, desc="single-unit KL", unit="unit", leave=False)):
+        if "int8" not in u.precisions:
+            kl.append(0.0)
+            continue
+        t = ["f"] * len(ps.units)
+        t[i] = "i"
+        kl.append(mean_kl(ref, _logits(realised("".join(t)), x)))
+    om_h = sens.omega_matrix(ps)
+    om_k = np.array([[kl[i] if p == "int8" else 0.0 for p in u.precisions]
+                     + [0.0] * (om_h.shape[1] - len(u.precisions))
+                     for i, u in enumerate(ps.units)])
+    counts = ps.weight_counts()
+    probs = {"hessian": Problem.build(pred, om_h, counts), "kl": Problem.build(pred, om_k, counts)}
+    lo, hi = pred.predict(fastest(probs["hessian"])), pred.predict(ps.canary())
+    score, test_n = scorer(args, target)
+    correct: dict[str, np.ndarray] = {}
+    rows = []
+    for b in tqdm(np.linspace(lo, hi, args.budgets), desc="budgets", leave=False):
+        pick = {k: ps.text(choose(p, "ilp", float(b), None, args.seed)) for k, p in probs.items()}
+        for t in pick.values():
+            if t not in correct:
+                correct[t] = score(realised(t))[1]
+        rows.append({"priced_budget_ms": float(b), **{k: {
+            "assignment": t, "priced_ms": pred.predict(ps.parse(t)),
+            "metric": float(correct[t].mean())} for k, t in pick.items()},
+            "kl_minus_hessian": paired(correct, pick["kl"], pick["hessian"])})
+    d = [r["kl_minus_hessian"] for r in rows]
+    summary = {
+        "model": args.model, "device": device.name, "test_n": test_n, "kl_images": len(x),
+        "units": [u.name for u in ps.units], "kl": kl, "omega_int8": sens.omega["int8"],
+        "spearman_kl_vs_omega": spearman(kl, sens.omega["int8"]),
+        "budgets": len(rows), "same_pick": sum(r["kl"]["assignment"] == r["hessian"]["assignment"]
+                                               for r in rows),
+        "kl_ge": sum(p["diff"] >= 0 for p in d), "kl_significantly_better":
+        sum(p["significantly_better"] for p in d), "kl_significantly_worse":
+        sum(p["significantly_worse"] for p in d),
+        "mean_diff": float(np.mean([p["diff"] for p in d]))}
+    for r in rows:
+        p = r["kl_minus_hessian"]
+        print(f"{r['priced_budget_ms']:.3f} ms  Ω {r['hessian']['assignment']} "
+              f"{r['hessian']['metric']:.5f}  KL {r['kl']['assignment']} {r['kl']['metric']:.5f}"
+              f"  {p['diff']:+.5f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("units", "kl", "omega_int8")}))
+    atomic_write_text(out / "objective.json",
+                      json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+
+
 def cmd_coverage(args) -> None:
     """How often the calibration's leave-one-out margin (`guard_margin_pct`, or `--margin`)
     holds on assignments the calibration never saw: of the table's published held-out
@@ -763,7 +860,7 @@ def cmd_joint(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", choices=["sweep", "sensitivity", "picture", "repeat", "joint",
-                                    "transfer", "variant", "coverage"])
+                                    "transfer", "variant", "coverage", "objective"])
     ap.add_argument("--joint", default=None,
                     help="transfer: a joint run's JSON to price with the committed table")
     ap.add_argument("--n", type=int, default=100, help="joint: held-out assignments")
@@ -785,6 +882,8 @@ def main() -> None:
     ap.add_argument("--arch", default=None)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--budgets", type=int, default=20)
+    ap.add_argument("--kl-n", type=int, default=4000,
+                    help="objective: validation images the single-unit KL is averaged over")
     ap.add_argument("--group", type=int, default=60,
                     help="assignments timed together (one group: one host state for all)")
     ap.add_argument("--span-s", type=float, default=5.0)
@@ -818,7 +917,7 @@ def main() -> None:
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
      "repeat": cmd_repeat, "joint": cmd_joint, "transfer": cmd_transfer,
      "variant": cmd_variant,
-     "coverage": cmd_coverage}[args.cmd](args)
+     "coverage": cmd_coverage, "objective": cmd_objective}[args.cmd](args)
 
 
 if __name__ == "__main__":
