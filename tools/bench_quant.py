@@ -294,7 +294,8 @@ def cmd_sweep(args) -> None:
                                         for r in ilp),
                     # the first picks as the first timing found them (before any repair)
                     "ilp_first_keeps_measured": (sum(r["first_measured_ms"] <= r["budget_ms"]
-                                                     for r in ilp) if args.repair else None)})
+                                                     for r in ilp)
+                                                 if args.repair or args.verify else None)})
     summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin,
                     "margin_source": source, "test_n": test_n,
                     "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
