@@ -100,3 +100,35 @@ def test_reference_times_settle_past_a_slow_spell():
     assert settled_times(once) == {"a": 2.0, "b": 3.0} and len(calls) == 2
     once, calls = seq(1.3, 1.0, 1.2, 1.0)  # never two alike: at most three, the lowest kept
     assert settled_times(once) == {"a": 2.0, "b": 3.0} and len(calls) == 3
+
+
+def test_references_settled_in_a_spell_are_timed_again_after_a_pause():
+    """Two timings can agree inside a slow spell that outlasts them: settled more than
+    SPELL_PCT over the table's times, the references are settled again after a pause, each at
+    its lowest; a host that is still slow then keeps its speed (the price follows it)."""
+    from hwnas.latency.lookup import SPELL_PCT, settled_times
+
+    table = {"a": 2.0, "b": 3.0}
+
+    def run(scales, pause_s=45.0):
+        calls, waits, notes = [], [], []
+
+        def once():
+            s = scales[len(calls)]
+            calls.append(s)
+            return {k: v * s for k, v in table.items()}
+        got = settled_times(once, expected=table, pause_s=pause_s, sleep=waits.append,
+                            note=notes.append)
+        return got, len(calls), waits, notes
+
+    slow = 1 + 1.5 * SPELL_PCT / 100
+    got, n, waits, notes = run([slow, slow, 1.01, 1.0])  # a spell, gone after the pause
+    assert got == pytest.approx(table) and n == 4 and waits == [45.0]
+    assert f"{(slow - 1) * 100:+.1f}% over the table" in notes[0]
+    got, n, waits, _ = run([slow] * 4)  # a slower host, not a spell
+    assert got == pytest.approx({k: v * slow for k, v in table.items()}) and waits == [45.0]
+    near = 1 + 0.5 * SPELL_PCT / 100
+    got, n, waits, notes = run([near, near])  # within SPELL_PCT: no second look
+    assert n == 2 and waits == [] and notes == []
+    got, n, waits, _ = run([slow, slow], pause_s=0.0)  # span 0 (tests): never waits
+    assert n == 2 and waits == [] and got == pytest.approx({k: v * slow for k, v in table.items()})

@@ -711,22 +711,32 @@ def load_mixed(root: Path, device: Device, ps: PrecisionSpace, host: str | None 
     return table
 
 
+# references that settled in what looks like a slow spell are timed again after this many
+# protocol spans (45 s at the default 5 s; never with span 0): the spells seen here ended
+# within a minute or two
+SPELL_SPANS = 9
+
+
 def time_references(pred: MixedPredictor, device: Device, protocol: Protocol = Protocol(),
                     whole: WholeModels = WholeModels()):
     """Time the table's reference assignments now (the canary first; interleaved protocol
-    measurements until two agree, `settled_times`, built as `whole` says): the host's drift
-    since the table was made, a `hwnas.latency.lookup.Drift`, as `time_canary` gives it for a
-    candidate table."""
+    measurements until two agree, `settled_times`, built as `whole` says; settled more than
+    `hwnas.latency.lookup.SPELL_PCT` over the table, again after `SPELL_SPANS` protocol spans,
+    each at its lowest): the host's drift since the table was made, a
+    `hwnas.latency.lookup.Drift`, as `time_canary` gives it for a candidate table."""
     from hwnas.latency.lookup import drift_from, references, settled_times
 
-    refs = list(references(pred.table))
+    table_ms = references(pred.table)
+    refs = list(table_ms)
     with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
         builder = Builder(pred.ps, device, Path(tmp), whole)
 
         def once():
             got = measure_runners(refs, builder, protocol, progress=False)
             return {r: got.stats[r].best_ms for r in refs}
-        return drift_from(pred.table, settled_times(once))
+        return drift_from(pred.table, settled_times(
+            once, expected=table_ms, pause_s=SPELL_SPANS * protocol.span_s,
+            note=lambda m: print(f"note: {m}", file=sys.stderr)))
 
 
 # ---- validation ----------------------------------------------------------------------------------
