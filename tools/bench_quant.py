@@ -558,18 +558,6 @@ def cmd_variant(args) -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "measured_ms"}, indent=1))
 
 
-def _logits(path: Path, x: np.ndarray) -> np.ndarray:
-    """The batch-1 classifier ONNX file's logits [N, classes] on images `x` (onnxruntime, CPU)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[j:j + 1]})[0] for j in range(len(x))])
-
-
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     """Mean over images of KL(softmax p ‖ softmax q)."""
     lp = p_logits - np.logaddexp.reduce(p_logits, axis=1, keepdims=True)
@@ -584,9 +572,12 @@ def cmd_objective(args) -> None:
     quantiser: weights and activations both), then at `--budgets` priced budgets from the
     fastest assignment to all fp32 the ILP's pick under each objective, scored on the test split
     (`--test-n`) with the paired 95% interval. Measures no latency. Classifiers only."""
+    from dataclasses import replace
+
     from hwnas.data import load_data
     from hwnas.quant.realise import realise
     from hwnas.quant.sensitivity import spearman
+    from hwnas.quant.target import classifier_logits
 
     cfg, device, ps, pred, target, sens, out = setup(args)
     if target.kind != "classifier":
@@ -597,7 +588,7 @@ def cmd_objective(args) -> None:
     x = load_data(target.data, target.input_shape[-1],
                   {"train": 1, "val": args.kl_n, "test": 1}).val
     x = x.batch(np.arange(len(x)))[0].numpy()
-    ref = _logits(fp32, x)
+    ref = classifier_logits(fp32)(x)
 
     def realised(t: str) -> Path:
         path = models / f"q-{t}.onnx"
@@ -612,11 +603,9 @@ def cmd_objective(args) -> None:
             continue
         t = ["f"] * len(ps.units)
         t[i] = "i"
-        kl.append(mean_kl(ref, _logits(realised("".join(t)), x)))
+        kl.append(mean_kl(ref, classifier_logits(realised("".join(t)))(x)))
     om_h = sens.omega_matrix(ps)
-    om_k = np.array([[kl[i] if p == "int8" else 0.0 for p in u.precisions]
-                     + [0.0] * (om_h.shape[1] - len(u.precisions))
-                     for i, u in enumerate(ps.units)])
+    om_k = replace(sens, omega={"int8": kl}).omega_matrix(ps)  # KL in Ω's place
     counts = ps.weight_counts()
     probs = {"hessian": Problem.build(pred, om_h, counts), "kl": Problem.build(pred, om_k, counts)}
     lo, hi = pred.predict(fastest(probs["hessian"])), pred.predict(ps.canary())

@@ -208,9 +208,9 @@ def onnx_top1(path: Path, split, threads: int = 1) -> float:
     return float(onnx_correct(path, split, threads).mean()) if len(split) else 0.0
 
 
-def onnx_correct(path: Path, split, threads: int = 1) -> np.ndarray:
-    """Per image of `split`, whether the batch-1 classifier ONNX file's top-1 is its label
-    (bool [N]): what a paired comparison of two models on the same images needs."""
+def classifier_logits(path: Path, threads: int = 1):
+    """A function of images ``[N, 3, S, S]`` (numpy) to the batch-1 classifier ONNX file's
+    logits ``[N, classes]``, run image by image (onnxruntime, CPU; one session)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -218,13 +218,20 @@ def onnx_correct(path: Path, split, threads: int = 1) -> np.ndarray:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([sess.run(None, {name: x[j:j + 1]})[0] for j in range(len(x))])
+    return logits
+
+
+def onnx_correct(path: Path, split, threads: int = 1) -> np.ndarray:
+    """Per image of `split`, whether the batch-1 classifier ONNX file's top-1 is its label
+    (bool [N]): what a paired comparison of two models on the same images needs."""
+    logits = classifier_logits(path, threads)
     out = np.zeros(len(split), bool)
     for i in range(0, len(split), 500):
         x, y = split.batch(np.arange(i, min(i + 500, len(split))))
-        xs = x.numpy()
-        pred = np.array([int(np.argmax(sess.run(None, {name: xs[j:j + 1]})[0]))
-                         for j in range(len(xs))])
-        out[i:i + len(xs)] = pred == y.numpy()
+        out[i:i + len(x)] = logits(x.numpy()).argmax(1) == y.numpy()
     return out
 
 
