@@ -3,6 +3,7 @@
     # the checkpoints: a det20 proxy classifier (tools/train_classifier.py) and the detector
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py sweep --model det20
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py sweep --model det
+    # --model det-searched: the shipped searched detector (hwnas/detection/assets), no training
     python tools/bench_quant.py sensitivity --model det20      # per-unit table, rank correlation
     python tools/bench_quant.py picture --model det20          # which units pay in int8, and why
     HWNAS_MEASURING_FLAG=/tmp/hwnas-measuring python tools/bench_quant.py repeat --model det20 \
@@ -75,6 +76,10 @@ BOOTSTRAP = 500  # resamples of a paired AP bootstrap (~0.06 s each per model at
 MODELS = {
     "det20": Model("det20", "det20:01230123012301230123", "/work/quant-out/det20-w0.25-cls.pt"),
     "det": Model("det20-fcos-w0.5", "det20:00000000000000000000", "/work/det-out/baseline.pt"),
+    # the shipped searched detector: committed, so its sweep runs from a fresh clone
+    "det-searched": Model("det20-fcos-w0.5", "det20:10031202020001210332",
+                          str(Path(__file__).resolve().parents[1] / "hwnas" / "detection"
+                              / "assets" / "det20-w0.5_searched_fcos.pt")),
 }
 
 
