@@ -57,11 +57,18 @@ class Protocol:
     # ...and, on a host that is rarely quiet, more rounds until the estimate settles: after the
     # planned rounds, go on while the items' best round medians (median over items) still
     # improved by more than `settle_pct` over the last `settle_window` rounds, for at most
-    # `settle_factor` × `span_s` of timing. A quiet host settles at once, so its figures are
-    # unchanged; `span_s` 0 (tests) never extends.
+    # `settle_factor` × `span_s` of timing, or `settle_plan_factor` × the planned rounds' time
+    # where that is longer. A quiet host settles at once, so its figures are unchanged; `span_s`
+    # 0 (tests) never extends.
     settle_pct: float = 0.5
     settle_window: int = 10
     settle_factor: float = 24.0
+    # Why relative to the plan too: a mixed table's profile (511 items, 22 s a round) plans 20
+    # rounds, 7 minutes, past the 2 minutes above before its plan ends, so on a host quiet in 5%
+    # of rounds it never extended, and each item's best was its lowest of 20 round medians: an
+    # item without one quiet round kept a busy time (the AVX2 host, 2026-11-23 19:25: the same
+    # whole detector assignments 0.76-1.08x an earlier run's, a calibration leave-one-out of 46%).
+    settle_plan_factor: float = 2.0
 
     def rounds_for(self, round_time_ms: float) -> int:
         """Rounds needed when one round of every item takes `round_time_ms`."""
@@ -253,7 +260,8 @@ def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> Measureme
         if prior_rounds is not None:  # a resumed run keeps the plan it started with
             rounds = max(rounds, max(len(i.rounds) for i in items))
         r = min((len(i.rounds) for i in items), default=0)
-        deadline = time.perf_counter() + protocol.settle_factor * protocol.span_s
+        start = time.perf_counter()
+        deadline = start + protocol.settle_factor * protocol.span_s
         settled = r >= rounds and (protocol.span_s == 0 or r >= protocol.max_rounds
                                    or protocol.settled([i.rounds for i in items]))
         while r < rounds or not settled:
@@ -262,6 +270,10 @@ def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> Measureme
                     item.runner._run(item.feed)
                 item.rounds.append(_time_runs(item.runner, item.feed, item.reps))
             r += 1
+            if r == rounds and protocol.span_s > 0:  # the plan's time sets how long
+                # settling may take too (span 0 never extends)
+                deadline = max(deadline, start + protocol.settle_plan_factor
+                               * (time.perf_counter() - start))
             settled = (r >= protocol.max_rounds or time.perf_counter() >= deadline
                        or protocol.settled([i.rounds for i in items]))
             if on_round is not None:  # past the plan the total is one more until settled

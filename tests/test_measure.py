@@ -109,3 +109,14 @@ def test_zero_span_never_extends_the_plan(runners):
     calls = []
     measure_interleaved(runners, FAST, on_round=lambda d, t, r: calls.append(d))
     assert calls == [1, 2, 3]
+
+
+def test_a_plan_longer_than_the_settle_time_may_still_extend(runners):
+    # never settled (gains are >= 0), and the settle time alone is over before the plan ends:
+    # a long run (a mixed table's profile) still gets up to `settle_plan_factor` x its plan
+    base = dict(warmup_ms=5, min_warmup=2, rounds=4, span_s=1e-3, round_ms=2.0, min_reps=2,
+                settle_pct=-1.0, settle_window=1, settle_factor=0.0, max_rounds=200)
+    n = measure_interleaved(runners, Protocol(**base, settle_plan_factor=2.0)).contention.rounds
+    assert n > 4
+    n = measure_interleaved(runners, Protocol(**base, settle_plan_factor=1.0)).contention.rounds
+    assert n == 4
