@@ -548,9 +548,10 @@ def fit_calibration(pred: MixedPredictor, assigns: Sequence[Arch], measured_ms: 
                     ) -> dict:
     """The calibration's least squares; with at least `CORRECT_PER_ITEM` assignments per
     correction item (`MixedPredictor.correction_items`), also a ridge correction of every
-    unit, edge and triple off fp32, fitted to what the rows leave (its ridge chosen from
-    `RIDGES` by 10-fold cross-validation on the calibration). Why: on det20 @ 320, rows and
-    160 whole assignments measured in one quiet run (AMD EPYC, 2026-11-23), the rows priced
+    unit, edge and triple off fp32, fitted jointly with the intercept, slope and offsets
+    (`_corrected_fit`; its ridge chosen from `RIDGES` by 10-fold cross-validation on the
+    calibration). Why: on det20 @ 320, rows and 160 whole assignments measured in one quiet
+    run (AMD EPYC, 2026-11-23), the rows priced
     85% of the 100 held-out within ±5%, and the same rows with corrections fitted on 140 of
     the wholes 99% (5 folds; `tools/bench_quant.py joint --reuse`): what a unit or boundary
     costs in the whole model differs from what its row measured alone, by an amount the whole
