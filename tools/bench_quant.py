@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hwnas.fileio import atomic_write_text
+from hwnas.fileio import atomic_write_text, sha256_file
 from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
 from hwnas.measure import Protocol
@@ -188,14 +189,41 @@ def scorer(args, target):
     return score_det, n
 
 
+def sweep_settings(args, cfg, pred) -> dict:
+    """What a sweep's timings depend on: a journal of other settings is not resumed."""
+    return {"space": cfg.space, "arch": cfg.arch, "ckpt": str(cfg.ckpt), "device": cfg.device,
+            "table": str(pred.table.path), "table_sha256": sha256_file(pred.table.path),
+            **{k: getattr(args, k) for k in ("budgets", "seed", "margin", "canary", "repair",
+                                             "verify", "group", "span_s")}}
+
+
 def cmd_sweep(args) -> None:
+    """The sweep, resumable: its timings (the references, each timing call of the verify and
+    repair, each final run) are journalled in ``<out>/sweep.state.json`` as they finish
+    (`hwnas.runs.StageJournal`), so a stopped sweep run again into the same --out goes on from
+    there; the journal goes when ``sweep.json`` is written."""
     if args.rescore:
         return rescore(args)
+    from hwnas.locks import output_lock
+    from hwnas.runs import StageJournal
+
     cfg, device, ps, pred, target, sens, out = setup(args)
+    state = out / "sweep.state.json"
+    with output_lock(state):
+        journal = StageJournal(state, sweep_settings(args, cfg, pred),
+                               note=lambda m: print(f"note: {m}", file=sys.stderr))
+        sweep(args, cfg, device, ps, pred, target, sens, out, journal)
+        journal.finish()
+
+
+def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
+    from hwnas.latency.lookup import Drift
+
     drift = None
     if args.canary == "correct":  # as hwnas quantize: priced with the host's speed now
-        drift = time_references(pred, device, cfg.protocol,
-                                whole_models(target, ps, out / "models", cfg.seed))
+        drift = journal.stage("references", lambda: time_references(
+            pred, device, cfg.protocol, whole_models(target, ps, out / "models", cfg.seed)),
+            dump=Drift.to_dict, load=Drift.from_dict)
         pred = pred.scaled(drift.ratio)
     prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
     f = fastest(prob)
@@ -220,9 +248,17 @@ def cmd_sweep(args) -> None:
 
     raw_ms: dict[str, float] = {}  # as timed; the repair sees them at the speed of pricing
 
+    calls = itertools.count()  # the verify and repair time in a fixed order: journalled by it
+
     def timing(ts):
-        return time_texts(target, ps, device, pred, ts, out / "models", cfg, args.group,
-                          priced_at=drift, raw=raw_ms)
+        def run():
+            raw: dict[str, float] = {}
+            ms = time_texts(target, ps, device, pred, ts, out / "models", cfg, args.group,
+                            priced_at=drift, raw=raw)
+            return {"ms": ms, "raw": raw}
+        got = journal.stage(f"timing-{next(calls)}", run, key=list(ts))
+        raw_ms.update(got["raw"])
+        return got["ms"]
 
     first: dict[tuple[float, str], str | None] = {(b, m): t for b, m, t in picks}
     hist: dict = {k: [] for k in first}
@@ -252,9 +288,9 @@ def cmd_sweep(args) -> None:
         print(f"verified or repaired {sum(current[key] != first[key] for key in first)} "
               f"picks; timing the {len(texts)} final assignments afresh", file=sys.stderr)
     files, timed = realise_all(target, ps, device, texts, out / "models", cfg, progress=True)
-    runs = [time_files(ps, device, pred, timed, cfg.protocol, out / "models",
-                       group=args.group, progress=True, whole=whole)
-            for _ in range(args.final_runs)]
+    runs = [journal.stage(f"final-{j}", lambda: time_files(
+        ps, device, pred, timed, cfg.protocol, out / "models", group=args.group, progress=True,
+        whole=whole), key=sorted(timed), load=tuple) for j in range(args.final_runs)]
     measured, record = median_runs(runs)
     score, test_n = scorer(args, target)
     scores, correct = {}, {}
