@@ -541,6 +541,10 @@ def test_published_validation_sets_the_margin_until_the_table_is_recalibrated(
     assert v["n"] == len(rows) == 4 and v["quantile"] == 0.9
     meas = np.array([float(r.split(",")[2]) for r in rows])
     corr = np.array([float(r.split(",")[4]) for r in rows])
+    priced = np.array([float(r.split(",")[1]) for r in rows])  # one group: its own median ratio
+    ceiling = priced * np.median(meas / priced)
+    assert rep["group_ceiling"]["mean_abs_err_pct"] == pytest.approx(
+        float(np.mean(np.abs(ceiling / meas - 1))) * 100, abs=0.1)  # the CSV rounds to 0.1 µs
     want = max(0.0, float(np.quantile((meas / corr - 1) * 100, 0.9)))
     pct, source = margin_evidence(MixedPredictor(table, ps))
     assert pct == pytest.approx(want) and "published validation" in source

@@ -61,6 +61,12 @@ class ValidationReport:
     table_age_h: float | None  # hours between the table's canary and this validation
     csv: str
     plot: str
+    # the figures with each interleaved group's predictions scaled by that group's own median
+    # measured / predicted: the most any drift correction from references timed with the group
+    # could reach. What it leaves is the table's error and the spread within one measurement;
+    # the gap to `canary_corrected` is the references misreading the host. A diagnosis, never a
+    # price (it is fitted to the measurements it scores).
+    group_ceiling: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +79,9 @@ class ValidationReport:
         figs = [("as priced", self.to_dict())]
         if self.canary_corrected:
             figs.append(("canary-corrected", self.canary_corrected))
+        if self.group_ceiling:
+            figs.append(("group ceiling (each group at its own median ratio; a diagnosis)",
+                         self.group_ceiling))
         for name, f in figs:
             out += [f"  {name}: within ±5% {100 * f['within_5pct']:.1f}%, within ±10% "
                     f"{100 * f['within_10pct']:.1f}%, mean |error| {f['mean_abs_err_pct']:.2f}%, "

@@ -798,6 +798,10 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     contention = Contention.combine(parts)
     contention_check(contention, "this validation", require_quiet)
     corrected = predicted * ratio
+    ceiling = predicted.copy()  # each group at its own median ratio (`group_ceiling`)
+    for start in range(0, len(assigns), group):
+        g = slice(start, start + group)
+        ceiling[g] *= np.median(measured[g] / predicted[g])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["assignment", "predicted_ms", "measured_ms", "error_pct", "canary_corrected_ms",
@@ -819,6 +823,6 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
         contention={**contention.to_dict(), "attempts_per_group": attempts}, drift=drift,
         canary_corrected=metrics(corrected, measured),
         table_age_h=_age_h(table.meta["canary"]["measured"]), csv=str(csv_path),
-        plot=str(png_path))
+        plot=str(png_path), group_ceiling=metrics(ceiling, measured))
     scatter_plot(predicted, measured, report, png_path, corrected)
     return report
