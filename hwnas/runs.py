@@ -69,10 +69,6 @@ class StageJournal:
                 note(f"resuming {self.path}: {len(self.stages)} finished stages "
                      f"({', '.join(self.stages)})")
 
-    @property
-    def resumed(self) -> int:
-        return len(self.stages)
-
     def stage(self, name: str, compute, key=None, dump=lambda v: v, load=lambda v: v):
         """`compute()`'s value, journalled under `name` (`dump` makes it JSON, `load` undoes
         that), or the journalled one on a resume; always as read back from JSON, so that a

@@ -219,11 +219,11 @@ def cmd_sweep(args) -> None:
 def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
     from hwnas.latency.lookup import Drift
 
+    whole = whole_models(target, ps, out / "models", cfg.seed)
     drift = None
     if args.canary == "correct":  # as hwnas quantize: priced with the host's speed now
         drift = journal.stage("references", lambda: time_references(
-            pred, device, cfg.protocol, whole_models(target, ps, out / "models", cfg.seed)),
-            dump=Drift.to_dict, load=Drift.from_dict)
+            pred, device, cfg.protocol, whole), dump=Drift.to_dict, load=Drift.from_dict)
         pred = pred.scaled(drift.ratio)
     prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
     f = fastest(prob)
@@ -244,7 +244,6 @@ def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
     texts = list(dict.fromkeys([t for _, _, t in picks if t] + list(uniform.values())))
     print(f"{len(budgets)} budgets {lo:.3f}..{hi:.3f} ms; {len(texts)} distinct assignments",
           file=sys.stderr)
-    whole = whole_models(target, ps, out / "models", cfg.seed)
 
     raw_ms: dict[str, float] = {}  # as timed; the repair sees them at the speed of pricing
 

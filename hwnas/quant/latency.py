@@ -773,6 +773,7 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     assigns = ps.sample_stratified(n, np.random.default_rng(seed), exclude)
     predicted = pred.predict_many(assigns)
     measured, ratio = np.zeros(len(assigns)), np.ones(len(assigns))
+    own = np.ones(len(assigns))  # each group's own median measured / priced (`group_ceiling`)
     parts, canary_now, attempts = [], [], []
     bar = tqdm(total=len(assigns), desc="validating", unit="assignment", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -792,16 +793,14 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
             now = {r: got.stats[r].best_ms for r in refs}
             canary_now.append(now)
             ratio[start:start + len(chunk)] = drift_from(table, now).ratio
+            g = slice(start, start + len(chunk))
+            own[g] = np.median(measured[g] / predicted[g])
             parts.append(got.contention)
             bar.update(len(chunk))
     bar.close()
     contention = Contention.combine(parts)
     contention_check(contention, "this validation", require_quiet)
     corrected = predicted * ratio
-    ceiling = predicted.copy()  # each group at its own median ratio (`group_ceiling`)
-    for start in range(0, len(assigns), group):
-        g = slice(start, start + group)
-        ceiling[g] *= np.median(measured[g] / predicted[g])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["assignment", "predicted_ms", "measured_ms", "error_pct", "canary_corrected_ms",
@@ -823,6 +822,6 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
         contention={**contention.to_dict(), "attempts_per_group": attempts}, drift=drift,
         canary_corrected=metrics(corrected, measured),
         table_age_h=_age_h(table.meta["canary"]["measured"]), csv=str(csv_path),
-        plot=str(png_path), group_ceiling=metrics(ceiling, measured))
+        plot=str(png_path), group_ceiling=metrics(predicted * own, measured))
     scatter_plot(predicted, measured, report, png_path, corrected)
     return report
