@@ -1,5 +1,5 @@
 """Mixed-precision quantisation (`hwnas quantize`, hwnas.quant): units and precision genes, the
-mixed table (profiled with the FAST protocol), the ILP against brute force, Hutchinson on a
+mixed table (profiled with the FAST protocol, local estimate), the ILP against brute force, Hutchinson on a
 known Hessian, real QDQ models with real calibration, trained tiny checkpoints, and the CLI's
 refusals. Real onnxruntime and torch throughout, tiny spaces."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -22,9 +23,9 @@ from hwnas.quant.assign import (Problem, choose_k, fastest, fastest_k, greedy, r
                                random_search, solve, solve_k)
 from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_margin_pct,
                                  has_triples, load_mixed, mixed_table_path, pair_label,
-                                 profile_mixed, single_label, triple_label)
+                                 profile_mixed, single_label, table_protocol, triple_label)
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
-from hwnas.quant.run import (NEAREST, _int8_notes, parse_arch, repair_picks,
+from hwnas.quant.run import (NEAREST, QuantizeConfig, _int8_notes, parse_arch, repair_picks,
                              repaired_under, verify_picks)
 from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
 from hwnas.quant.target import load_target, save_classifier
@@ -34,6 +35,7 @@ from hwnas.spaces import get_space
 from conftest import FAST, class_folders, run_cli
 
 ARCH = "tiny:0123"
+LOCAL = replace(FAST, estimate="local")  # what a mixed table reads its rows with by default
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def det_ps():
 @pytest.fixture(scope="module")
 def mixed_tables(tmp_path_factory, int8, ps):
     root = tmp_path_factory.mktemp("mixed")
-    profile_mixed(int8, ps, root, FAST, calibration_n=7, progress=False)
+    profile_mixed(int8, ps, root, LOCAL, calibration_n=7, progress=False)
     return root
 
 
@@ -740,6 +742,21 @@ def test_cli_profile_says_what_the_table_prices(mixed_tables, tmp_path, capsys, 
     assert res["items"] == "units, pairs" and res["measured_rows"] == 0
     assert main([*base, "--tables", str(root)]) == 0
     assert "made before triples: move it away and profile again" in capsys.readouterr().out
+
+
+def test_a_mixed_table_is_timed_against_with_its_own_statistic(int8, ps, mixed_tables):
+    """A mixed table records the statistic it read its rows with ("local" by default, see
+    hwnas/measure.py), and whatever is timed to compare with it is read the same way; a
+    table from before the choice was lowest round medians."""
+    table = load_mixed(mixed_tables, int8, ps)
+    assert table.meta["protocol"]["estimate"] == "local"
+    assert "quietest host factor" in table.meta["statistic"]
+    assert QuantizeConfig("cpu-ort-int8", "tiny", ARCH).protocol.estimate == "local"
+    assert table_protocol(table, FAST).estimate == "local"
+    old = MixedTable(table.path, {**table.meta, "protocol": FAST.to_dict() | {
+        "estimate": None}}, table.rows)
+    old.meta["protocol"].pop("estimate")
+    assert table_protocol(old, LOCAL).estimate == "lowest"
 
 
 def test_cli_checkpoint_of_another_arch_and_device_without_int8(classifier, mixed_tables,

@@ -18,6 +18,7 @@ from hwnas.argtypes import (dumps_strict, finite_float, int_range, nonneg_int, p
 def add_parsers(sub) -> None:
     from hwnas.cli import SPAN
     from hwnas.latency.lookup import CANARY_MODES
+    from hwnas.measure import MIXED_ESTIMATE
 
     p = sub.add_parser("quantize", help="per-layer mixed precision under a latency budget: "
                        "table, sensitivity, ILP, a real QDQ model")
@@ -87,6 +88,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--span-s", type=SPAN, default=None, help="protocol span (see profile)")
+    p.add_argument("--estimate", choices=("local", "lowest"), default=MIXED_ESTIMATE,
+                   help="--profile: the statistic a new mixed table reads latencies with: "
+                   "'local', each assignment's level against the host speed all interleaved "
+                   "items show, or 'lowest', its lowest round median (default "
+                   f"{MIXED_ESTIMATE}; see hwnas/measure.py). Whatever is timed against an "
+                   "existing table is read as that table was")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -103,6 +110,8 @@ def _emit(args, obj: dict, lines: list[str]) -> None:
 
 
 def cmd_quantize(args) -> None:
+    from dataclasses import replace
+
     from hwnas.cli import _protocol
     from hwnas.quant.latency import WITH_TRIPLES
     from hwnas.quant.run import QuantizeConfig, lines, run_profile, run_quantize, run_validate
@@ -118,7 +127,8 @@ def cmd_quantize(args) -> None:
         calibration_images=args.calibration_images,
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
-        seed=args.seed, protocol=_protocol(args), progress=not args.quiet,
+        seed=args.seed, protocol=replace(_protocol(args), estimate=args.estimate),
+        progress=not args.quiet,
         margin_pct=args.margin, canary=args.canary, repair=args.repair,
         verify=args.verify)
     if args.profile:

@@ -41,7 +41,7 @@ import io
 import itertools
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -608,11 +608,21 @@ class MixedProfileReport:
                 "contention": self.table.meta.get("contention")}
 
 
+def table_protocol(table, protocol: Protocol) -> Protocol:
+    """`protocol` reading latencies with the statistic `table` was measured with (its
+    ``estimate``; "lowest" for tables from before there was a choice): what is timed to be
+    compared with a table's prices must be read as the table was."""
+    own = (table.meta.get("protocol") or {})
+    return replace(protocol, estimate=own.get("estimate", "lowest"),
+                   local_window=own.get("local_window", protocol.local_window))
+
+
 def open_mixed_table(root: Path, device: Device, ps: PrecisionSpace,
                      protocol: Protocol) -> MixedTable:
     path = mixed_table_path(root, device, ps)
     if not path.exists():
         t = new_table(path, device, ps.base.name, ps.input_shape, protocol.to_dict())
+        t.meta["statistic"] = protocol.statistic()
         t.meta.update({"arch": str(ps.arch), "precisions": list(ps.precisions),
                        "units": [u.name for u in ps.units], "items": WITH_TRIPLES,
                        "what": "mixed-precision rows of one candidate (hwnas.quant.latency)"})
@@ -652,6 +662,7 @@ def profile_mixed(device: Device, ps: PrecisionSpace, root: Path,
                   Path(root) / "hosts.json"):
             clean_orphans(p)
         table = open_mixed_table(root, device, ps, protocol)
+        protocol = table_protocol(table, protocol)  # rows added to a table are read as its own
         items = all_items(ps, has_triples(table.meta))
         todo = [k for k in items if k not in table.rows]
         if todo and table.rows:
@@ -736,6 +747,7 @@ def time_references(pred: MixedPredictor, device: Device, protocol: Protocol = P
 
     table_ms = references(pred.table)
     refs = list(table_ms)
+    protocol = table_protocol(pred.table, protocol)
     with tempfile.TemporaryDirectory(prefix="hwnas-mixed-") as tmp:
         builder = Builder(pred.ps, device, Path(tmp), whole)
 
@@ -767,6 +779,7 @@ def validate_mixed(pred: MixedPredictor, device: Device, n: int, seed: int, out_
     from hwnas.latency.validate import ValidationReport, metrics, noise_floor_pct, scatter_plot
 
     ps, table = pred.ps, pred.table
+    protocol = table_protocol(table, protocol)
     cal = table.meta.get("calibration") or {}
     exclude = set(cal.get("assignments", [])) | {ps.text(ps.canary())}
     refs = list(references(table))  # the canary and the next calibration assignments

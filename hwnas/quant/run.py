@@ -38,7 +38,7 @@ from hwnas.fileio import atomic_write_text, check_writable
 from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
 from hwnas.locks import output_lock
-from hwnas.measure import Protocol
+from hwnas.measure import MIXED_ESTIMATE, Protocol
 from hwnas.quant.assign import METHODS, Problem, choose, choose_k, fastest, fastest_k
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, WholeModels, assign_label,
                                  band_evidence, load_mixed, margin_evidence, measure_runners,
@@ -78,7 +78,9 @@ class QuantizeConfig:
     force: bool = False
     fresh_sensitivity: bool = False
     seed: int = 0
-    protocol: Protocol = field(default_factory=Protocol)
+    # a new mixed table's statistic (hwnas.measure): mixed tables read the interleaved
+    # whole assignments jointly (MIXED_ESTIMATE); an existing table's own is used against it
+    protocol: Protocol = field(default_factory=lambda: Protocol(estimate=MIXED_ESTIMATE))
     progress: bool = True
     margin_pct: float | None = None  # choose under budget / (1 + margin); None: the table's own
     canary: str = "correct"  # off | report | correct: time the table's references first
@@ -535,8 +537,9 @@ def time_files(ps: PrecisionSpace, device: Device, pred: MixedPredictor, files: 
     from hwnas.backends import compile_model
     from hwnas.latency.lookup import drift_from, drift_over, references
     from hwnas.measure import Contention
-    from hwnas.quant.latency import Builder, SameFeed
+    from hwnas.quant.latency import Builder, SameFeed, table_protocol
 
+    protocol = table_protocol(pred.table, protocol)
     has_canary = bool(pred.table.meta.get("canary"))
     # the table's reference assignments (the canary first), or the canary alone without one
     refs = list(references(pred.table)) if has_canary else [assign_label(ps, ps.canary())]
