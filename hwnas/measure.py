@@ -98,10 +98,6 @@ class Protocol:
         if self.estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {self.estimate!r}; known: {', '.join(ESTIMATES)}")
 
-    def statistic(self) -> str:
-        """What a table's ``latency_ms`` is under this protocol, in words."""
-        return ESTIMATES[self.estimate]
-
     def rounds_for(self, round_time_ms: float) -> int:
         """Rounds needed when one round of every item takes `round_time_ms`."""
         need = int(np.ceil(self.span_s * 1000.0 / max(round_time_ms, 1e-3)))

@@ -22,7 +22,7 @@ from hwnas.devices import Device, fingerprint_diff, load_device, repo_dir
 from hwnas.errors import UserError
 from hwnas.fileio import atomic_write_text
 from hwnas.hosts import check_host_id, host_id, known_hosts
-from hwnas.measure import LatencyStats
+from hwnas.measure import ESTIMATES, LatencyStats
 from hwnas.spaces.base import OpKey, Shape
 
 FORMAT = 1
@@ -229,7 +229,7 @@ def new_table(path: Path, device: Device, space: str, input_shape: Shape,
     meta = {"format": FORMAT, "device": device.name, "host": host_id(fp), "space": space,
             "input_shape": list(input_shape), "fingerprint": fp,
             "protocol": protocol, "created": now_iso(),
-            "statistic": "latency_ms = best_ms: the lowest per-round median of the protocol",
+            "statistic": ESTIMATES[protocol.get("estimate", "lowest")],
             "calibration": None}
     return LatencyTable(path, meta)
 

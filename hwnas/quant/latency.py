@@ -622,7 +622,6 @@ def open_mixed_table(root: Path, device: Device, ps: PrecisionSpace,
     path = mixed_table_path(root, device, ps)
     if not path.exists():
         t = new_table(path, device, ps.base.name, ps.input_shape, protocol.to_dict())
-        t.meta["statistic"] = protocol.statistic()
         t.meta.update({"arch": str(ps.arch), "precisions": list(ps.precisions),
                        "units": [u.name for u in ps.units], "items": WITH_TRIPLES,
                        "what": "mixed-precision rows of one candidate (hwnas.quant.latency)"})
