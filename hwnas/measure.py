@@ -173,7 +173,11 @@ class Contention:
 
     @classmethod
     def from_rounds(cls, per_item: Sequence[Sequence[Sequence[float]]]) -> "Contention":
-        medians = np.array([[np.median(r) for r in rounds] for rounds in per_item])  # [items, rounds]
+        return cls.from_medians(round_medians(per_item))
+
+    @classmethod
+    def from_medians(cls, medians: np.ndarray) -> "Contention":
+        """From the round medians [items, rounds] (`round_medians`)."""
         slow = np.median(medians / medians.min(axis=1, keepdims=True), axis=0) - 1  # [rounds]
         return cls(int(slow.size), float((slow <= QUIET_PCT / 100).mean()),
                    float(100 * np.median(slow)), float(100 * slow.max()))
@@ -311,12 +315,17 @@ def _measure_interleaved(runners, protocol, prior_rounds, on_round) -> Measureme
         if gc_was_enabled:
             gc.enable()
     kept = [i.rounds[:rounds] for i in items]
+    medians = round_medians(kept)
     stats = [LatencyStats.from_rounds(r) for r in kept]
     if protocol.estimate == "local" and len(kept) > 1:
-        levels = local_levels(np.array([[np.median(x) for x in r] for r in kept]),
-                              protocol.local_window)
+        levels = local_levels(medians, protocol.local_window)
         stats = [replace(s, best_ms=float(v)) for s, v in zip(stats, levels)]
-    return Measurement(stats, Contention.from_rounds(kept))
+    return Measurement(stats, Contention.from_medians(medians))
+
+
+def round_medians(per_item: Sequence[Sequence[Sequence[float]]]) -> np.ndarray:
+    """Each item's per-round medians, [items, rounds], from per-run times grouped by round."""
+    return np.array([[np.median(r) for r in rounds] for rounds in per_item])
 
 
 def local_levels(medians: np.ndarray, window: int, iterations: int = 8) -> np.ndarray:

@@ -4,7 +4,7 @@ import pytest
 from hwnas.backends import compile_model
 from hwnas.export import export_onnx
 from hwnas.measure import (LatencyStats, NoiseReport, Protocol, local_levels, measure,
-                           measure_interleaved)
+                           measure_interleaved, round_medians)
 
 from conftest import FAST
 
@@ -153,7 +153,7 @@ def test_local_estimate_is_what_the_protocol_reports(runners):
                  estimate="local", local_window=2)
     seen = {}
     stats = measure_interleaved(runners, p, on_round=lambda d, t, r: seen.update(r=r)).stats
-    medians = np.array([[np.median(x) for x in item] for item in seen["r"]])
+    medians = round_medians(seen["r"])
     assert [s.best_ms for s in stats] == pytest.approx(list(local_levels(medians, 2)))
     assert [s.median_ms for s in stats] == pytest.approx(list(np.median(medians, axis=1)))
     one = measure_interleaved(runners[:1], p, on_round=lambda d, t, r: seen.update(r=r)).stats

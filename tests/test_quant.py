@@ -1,7 +1,7 @@
 """Mixed-precision quantisation (`hwnas quantize`, hwnas.quant): units and precision genes, the
-mixed table (profiled with the FAST protocol, local estimate), the ILP against brute force, Hutchinson on a
-known Hessian, real QDQ models with real calibration, trained tiny checkpoints, and the CLI's
-refusals. Real onnxruntime and torch throughout, tiny spaces."""
+mixed table (profiled with the FAST protocol, local estimate), the ILP against brute force,
+Hutchinson on a known Hessian, real QDQ models with real calibration, trained tiny checkpoints,
+and the CLI's refusals. Real onnxruntime and torch throughout, tiny spaces."""
 
 from __future__ import annotations
 

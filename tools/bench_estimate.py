@@ -24,14 +24,13 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
 from hwnas.errors import UserError
-from hwnas.measure import Protocol, local_levels, measure_interleaved
+from hwnas.measure import Protocol, local_levels, measure_interleaved, round_medians
 from hwnas.quant.latency import ASSIGN, Builder, MixedPredictor, load_mixed
 from hwnas.quant.run import QuantizeConfig, _precision_space, _root, _whole_for
 
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
             pred = MixedPredictor(load_mixed(_root(cfg), device, ps), ps)
         except UserError:
             pred = None
-        protocol = replace(Protocol(span_s=args.span_s), estimate="lowest")  # raw rounds
+        protocol = Protocol(span_s=args.span_s, estimate="lowest")  # raw rounds
         runs = []
         with tempfile.TemporaryDirectory(prefix="hwnas-estimate-") as tmp:
             builder = Builder(ps, device, Path(tmp), _whole_for(cfg, ps, Path(tmp)))
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 m = measure_interleaved(runners, protocol,
                                         on_round=lambda d, t, r: seen.update(r=r))
-                medians = np.array([[np.median(x) for x in item] for item in seen["r"]])
+                medians = round_medians(seen["r"])
                 runs.append({"started": t0, "seconds": time.time() - t0,
                              "contention": m.contention.to_dict(),
                              "round_medians_ms": medians.round(5).tolist()})
