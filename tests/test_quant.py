@@ -27,7 +27,8 @@ from hwnas.quant.latency import (MixedPredictor, MixedTable, all_items, guard_ma
 from hwnas.quant.realise import mixed_device, realise, unit_weight_precisions
 from hwnas.quant.run import (NEAREST, QuantizeConfig, _int8_notes, parse_arch, repair_picks,
                              repaired_under, verify_picks)
-from hwnas.quant.sensitivity import hutchinson_traces, quantised_weights, weight_perturbation
+from hwnas.quant.sensitivity import (Sensitivity, hutchinson_traces, quantised_weights,
+                                     weight_perturbation)
 from hwnas.quant.target import load_target, save_classifier
 from hwnas.quant.units import PrecisionSpace, device_precisions
 from hwnas.spaces import get_space
@@ -290,6 +291,41 @@ def test_ilp_is_optimal_against_brute_force(ps, seed, triples):
     # the size limit: all int8 but nothing else fits 0.7 MB
     small = solve(prob, lat.max(), size_mb=0.7)
     assert prob.size_mb(small.choices)[0] <= 0.7
+
+
+def test_drop_objective_minimises_the_measured_drops_then_the_curvature(ps):
+    """`--objective drop`: the ILP minimises the summed clipped single-unit drops (a negative
+    drop is noise, costed 0), and among assignments of equal summed drop the least Ω; fp16
+    costs the int8 drop scaled by the perturbation ratio. `blend` averages drop and κ·Ω."""
+    prob = _synthetic(ps, 7)
+    U = len(ps.units)
+    drop = [0.004, -0.002, 0.0, 0.03, 0.0, 0.001][:U]
+    omega = list(np.random.default_rng(7).uniform(0.1, 1.0, U))
+    sens = Sensitivity([u.name for u in ps.units], [1.0] * U, [0.0] * U, [10] * U,
+                       {"int8": [2.0] * U, "fp16": [0.5] * U},
+                       {"int8": omega, "fp16": [o / 4 for o in omega]}, drop=drop)
+    cost = sens.omega_matrix(ps, "drop")
+    d = np.maximum(drop, 0)
+    tie = cost[:, 1] - d  # the tie-break: Ω's order, all of it a tenth of the least drop
+    assert np.all(tie > 0) and tie.sum() == pytest.approx(1e-4)
+    assert np.argsort(tie).tolist() == np.argsort(omega).tolist()
+    fp16 = sens.costs("drop")["fp16"]  # a quarter of int8's perturbation: a quarter of its drop
+    assert np.allclose(np.array(fp16), d / 4 + tie)
+    with pytest.raises(ValueError, match="objective"):
+        sens.omega_matrix(ps, "kl")
+    # blend: the mean of the clipped drop and κ·Ω, κ the median drop/Ω where both are > 0
+    pos = d > 0
+    kappa = np.median(d[pos] / np.array(omega)[pos])
+    assert np.allclose(sens.omega_matrix(ps, "blend")[:, 1], (d + kappa * np.array(omega)) / 2)
+    p = replace(prob, omega=cost)
+    every = np.array(list(itertools.product([0, 1], repeat=U)))
+    lat, dsum, om = p.latency_ms(every), every @ d, every @ np.array(omega)
+    for budget in np.linspace(lat.min(), lat.max(), 9):
+        ok = lat <= budget + 1e-12
+        a = np.array(solve(p, budget).choices)
+        least = dsum[ok].min()  # first the summed drop, then Ω among those of that drop
+        assert a @ d == pytest.approx(least, abs=1e-12)
+        assert a @ np.array(omega) == pytest.approx(om[ok & (np.abs(dsum - least) < 1e-12)].min())
 
 
 def test_where_int8_does_not_pay_the_ilp_keeps_fp32(ps):
@@ -603,6 +639,26 @@ def test_weight_perturbation_folds_batchnorm():
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+def test_a_target_draws_larger_generated_splits(tiny, tmp_path, env):
+    """`Target.split(name, n)`: the built-in data's split drawn with n images (drops below the
+    standard split's noise), scored as `evaluate(..., n)`; other data refuse, one line."""
+    from hwnas.data import load_data
+    from hwnas.quant.target import onnx_top1
+    from hwnas.train.supernet import build_standalone
+
+    arch = tiny.parse(ARCH)
+    classes = load_data("shapes", 32, {"train": 1, "val": 1, "test": 1}).classes
+    model = build_standalone(tiny, arch, 32, len(classes)).eval()
+    ckpt = tmp_path / "shapes-cls.pt"
+    save_classifier(ckpt, tiny, arch, 32, "shapes", classes, model)
+    t = load_target(ckpt, tiny, arch, (1, 3, 32, 32))
+    big = t.split("val", 40)
+    assert len(big) == 40 and len(t.split("val")) != 40
+    assert not torch.equal(big.batch(np.arange(5))[0], t.split("test", 40).batch(np.arange(5))[0])
+    path = t.export(tmp_path / "fp32.onnx")
+    assert t.evaluate(path, "val", 40) == onnx_top1(path, big)
+
+
 def test_checkpoint_must_match_the_arch_and_kind(classifier, tiny, env):
     t = load_target(classifier, tiny, tiny.parse(ARCH), tiny.default_input)
     assert t.kind == "classifier" and t.matches_priced and len(t.unit_modules) == 6
@@ -671,6 +727,16 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     assert res2["sensitivity"]["cache"] == s["cache"]
     assert main(_args(mixed_tables, classifier, out2, "--assignment", "ffiiif")) == 2
     assert "exists" in capsys.readouterr().err  # never overwritten without --force
+    # --objective drop: the same cached sensitivity, the measured drops minimised
+    out3 = tmp_path / "d.onnx"
+    assert main(_args(mixed_tables, classifier, out3, "--budget-ms", f"{budget:.6f}", "--json",
+                      "--objective", "drop", "--canary", "off", "--no-measure")) == 0
+    res3 = json.loads(capsys.readouterr().out)
+    drops = np.maximum([u["drop"] for u in s["units"]], 0)
+    summed = float(drops @ np.array(ps.parse(res3["assignment"]).choices))
+    assert res3["objective"] == "drop" and res3["sensitivity"]["cache"] == s["cache"]
+    least = drops[drops > 0].min() if (drops > 0).any() else 1.0  # no drop: Ω's order alone
+    assert summed <= res3["perturbation"] <= summed + 0.1 * least + 1e-12
 
 
 def test_cli_quantize_prices_with_the_host_speed_now(classifier, mixed_tables, tmp_path, env,
@@ -702,6 +768,7 @@ def test_cli_quantize_prices_with_the_host_speed_now(classifier, mixed_tables, t
     (["--budget-ms", "FAST+", "--margin", "50"], "within the 50.0% margin of the fastest"),
     (["--budget-ms", "1", "--margin", "-1"], "must be ≥ 0"),
     (["--budget-ms", "1", "--tables", "EMPTY"], "no mixed-precision table"),
+    (["--budget-ms", "1", "--drop-images", "50"], "need the built-in generated data"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(classifier, mixed_tables, tmp_path, env, capsys,
                                           int8, ps, extra, message):

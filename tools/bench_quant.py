@@ -14,7 +14,8 @@
     python tools/bench_quant.py transfer --model det20 --joint studies/quant/….json
         # the committed table priced on another run's measured wholes (measures nothing)
     python tools/bench_quant.py objective --model det20 --device cpu-ort-int8-noprop \
-        --test-n 20000    # the ILP under HAWQ's Ω vs under the realised single-unit KL
+        --test-n 20000 [--against kl|drop]   # the ILP under HAWQ's Ω vs under the realised
+        # single-unit KL or the measured single-unit drops
 
 `sweep`: as `hwnas quantize` prices and chooses (the table's references timed first and every
 price scaled by their drift, `--canary correct`; every method choosing under budget / (1 +
@@ -56,6 +57,7 @@ from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
+from hwnas.quant.sensitivity import OBJECTIVES
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, band_evidence,
                                  guard_margin_pct, load_mixed, margin_evidence, time_references)
 from hwnas.quant.realise import assignment_device
@@ -88,7 +90,8 @@ def setup(args):
     m = MODELS[args.model]
     cfg = QuantizeConfig(device=args.device, space=args.space or m.space,
                          arch=args.arch or m.arch, ckpt=Path(args.ckpt or m.ckpt),
-                         protocol=Protocol(span_s=args.span_s), seed=args.seed)
+                         protocol=Protocol(span_s=args.span_s), seed=args.seed,
+                         objective=args.objective, drop_images=args.drop_images)
     device, ps = _precision_space(cfg)
     pred = MixedPredictor(load_mixed(_root(cfg), device, ps), ps)
     target = load_target(cfg.ckpt, ps.base, ps.arch, ps.input_shape)
@@ -155,18 +158,18 @@ def cmd_picture(args) -> None:
 
 def scorer(args, target):
     """`path -> (metric, per-image correctness or None)` on the model's test split, or on a
-    larger generated one (`--test-n`, the built-in generators only: image i of a split is a
-    function of (seed, split, i), so it is the standard test split extended). Per-image
-    correctness (classifier) allows paired comparisons; COCO AP does not decompose per image."""
-    n = args.test_n
-    if target.kind == "classifier":
-        from hwnas.data import load_data
-        from hwnas.quant.target import onnx_correct
+    larger generated one (`--test-n`, the built-in generators only: `Target.split`).
+    Per-image correctness (classifier) allows paired comparisons; COCO AP does not decompose
+    per image, so the detector's comes with `PerImageAP` (paired bootstraps)."""
+    from hwnas.errors import UserError
 
-        if n and target.data != "shapes":
-            raise SystemExit("--test-n needs the built-in shapes data")
-        sizes = {"train": 1, "val": 1, "test": n} if n else None
-        split = load_data(target.data, target.input_shape[-1], sizes).test
+    n = args.test_n or None
+    try:
+        split = target.split("test", n)
+    except UserError as e:
+        raise SystemExit(f"--test-n: {e}") from None
+    if target.kind == "classifier":
+        from hwnas.quant.target import onnx_correct
 
         def score(path):
             c = onnx_correct(path, split)
@@ -174,17 +177,10 @@ def scorer(args, target):
         return score, len(split)
     if not n:
         return (lambda path: (target.evaluate(path, "test"), None)), None
-    from hwnas.detection.data import generate_shapes_det, load_coco
     from hwnas.detection.evaluate import PerImageAP, detect_onnx
 
-    if target.data != "shapes-det":
-        raise SystemExit("--test-n needs the built-in shapes-det data")
-    s = load_coco(generate_shapes_det(sizes={"train": 1, "val": 1, "test": n},
-                                      image_size=target.input_shape[-1]), "test",
-                  target.input_shape[-1])
-
     def score_det(path):  # pycocotools' AP, unrounded, kept per image for paired bootstraps
-        ev = PerImageAP(s, detect_onnx(path, s))
+        ev = PerImageAP(split, detect_onnx(path, split))
         return ev.ap(), ev
     return score_det, n
 
@@ -194,7 +190,8 @@ def sweep_settings(args, cfg, pred) -> dict:
     return {"space": cfg.space, "arch": cfg.arch, "ckpt": str(cfg.ckpt), "device": cfg.device,
             "table": str(pred.table.path), "table_sha256": sha256_file(pred.table.path),
             **{k: getattr(args, k) for k in ("budgets", "seed", "margin", "canary", "repair",
-                                             "verify", "group", "span_s")}}
+                                             "verify", "group", "span_s", "objective",
+                                             "drop_images")}}
 
 
 def cmd_sweep(args) -> None:
@@ -225,7 +222,7 @@ def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
         drift = journal.stage("references", lambda: time_references(
             pred, device, cfg.protocol, whole), dump=Drift.to_dict, load=Drift.from_dict)
         pred = pred.scaled(drift.ratio)
-    prob = Problem.build(pred, sens.omega_matrix(ps), ps.weight_counts())
+    prob = Problem.build(pred, sens.omega_matrix(ps, cfg.objective), ps.weight_counts())
     f = fastest(prob)
     # the methods choose under budget / (1 + margin), as `hwnas quantize` does; the budgets
     # span the range where its answer changes: from the lowest it accepts to all fp32
@@ -342,8 +339,10 @@ def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
                     "device": device.name, "host": pred.table.host, "metric": target.metric_name,
                     "latency_of": latency_of(target, ps), "timing": record,
                     "budgets": budgets, "fastest": ps.text(f), "protocol_span_s": args.span_s,
+                    "objective": cfg.objective,
                     "sensitivity": {"rank_correlation": sens.rank_correlation,
-                                    "fp32_metric_val": sens.base_metric}})
+                                    "fp32_metric_val": sens.base_metric,
+                                    "drop_images": cfg.drop_images}})
     write_sweep(out, rows, summary, ps, device, pred, target)
 
 
@@ -606,12 +605,15 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 def cmd_objective(args) -> None:
-    """HAWQ's Ω against a measured alternative as the ILP's objective, at equal priced budgets:
-    per unit, the mean KL divergence of the realised model with that unit alone in int8 from the
-    fp32 model (ZeroQ's sensitivity, here on real validation images and through the real
-    quantiser: weights and activations both), then at `--budgets` priced budgets from the
-    fastest assignment to all fp32 the ILP's pick under each objective, scored on the test split
-    (`--test-n`) with the paired 95% interval. Measures no latency. Classifiers only."""
+    """HAWQ's Ω against a measured alternative as the ILP's objective, at equal priced budgets.
+    `--against kl`: per unit, the mean KL divergence of the realised model with that unit alone
+    in int8 from the fp32 model (ZeroQ's sensitivity, on real validation images and through the
+    real quantiser: weights and activations both; classifiers only). `--against drop|blend`:
+    the measured single-unit metric drops of the sensitivity, alone or averaged with the
+    curvature's estimate (`Sensitivity.costs`, the ILP's `--objective drop|blend`). At
+    `--budgets` priced budgets from the fastest assignment to all fp32 the ILP's pick under
+    each objective, scored on the test split (`--test-n`) with the paired 95% interval.
+    Measures no latency."""
     from dataclasses import replace
 
     from hwnas.data import load_data
@@ -620,15 +622,11 @@ def cmd_objective(args) -> None:
     from hwnas.quant.target import classifier_logits
 
     cfg, device, ps, pred, target, sens, out = setup(args)
-    if target.kind != "classifier":
+    if args.against == "kl" and target.kind != "classifier":
         raise SystemExit("objective: the KL sensitivity is defined for classifiers (--model det20)")
     models = out / "models"
     fp32 = _fp32(target, models)
     feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
-    x = load_data(target.data, target.input_shape[-1],
-                  {"train": 1, "val": args.kl_n, "test": 1}).val
-    x = x.batch(np.arange(len(x)))[0].numpy()
-    ref = classifier_logits(fp32)(x)
 
     def realised(t: str) -> Path:
         path = models / f"q-{t}.onnx"
@@ -636,49 +634,65 @@ def cmd_objective(args) -> None:
             realise(fp32, path, device, ps, ps.parse(t), feeds)
         return path
 
-    kl = []
-    for i, u in enumerate(tqdm(ps.units, desc="single-unit KL", unit="unit", leave=False)):
-        if "int8" not in u.precisions:
-            kl.append(0.0)
-            continue
-        t = ["f"] * len(ps.units)
-        t[i] = "i"
-        kl.append(mean_kl(ref, classifier_logits(realised("".join(t)))(x)))
-    om_h = sens.omega_matrix(ps)
-    om_k = replace(sens, omega={"int8": kl}).omega_matrix(ps)  # KL in Ω's place
+    alt = args.against
+    if alt == "kl":
+        x = load_data(target.data, target.input_shape[-1],
+                      {"train": 1, "val": args.kl_n, "test": 1}).val
+        x = x.batch(np.arange(len(x)))[0].numpy()
+        ref = classifier_logits(fp32)(x)
+        cost = []
+        for i, u in enumerate(tqdm(ps.units, desc="single-unit KL", unit="unit", leave=False)):
+            if "int8" not in u.precisions:
+                cost.append(0.0)
+                continue
+            t = ["f"] * len(ps.units)
+            t[i] = "i"
+            cost.append(mean_kl(ref, classifier_logits(realised("".join(t)))(x)))
+        om_alt = replace(sens, omega={"int8": cost}).omega_matrix(ps)  # KL in Ω's place
+        extra = {"kl_images": len(x)}
+    else:
+        om_alt = sens.omega_matrix(ps, alt)
+        cost = [None if d is None else float(d) for d in sens.drop]
+        extra = {"drop_split": sens.drop_split, "drop_images": cfg.drop_images}
     counts = ps.weight_counts()
-    probs = {"hessian": Problem.build(pred, om_h, counts), "kl": Problem.build(pred, om_k, counts)}
+    probs = {"hessian": Problem.build(pred, sens.omega_matrix(ps), counts),
+             alt: Problem.build(pred, om_alt, counts)}
     lo, hi = pred.predict(fastest(probs["hessian"])), pred.predict(ps.canary())
     score, test_n = scorer(args, target)
-    correct: dict[str, np.ndarray] = {}
+    correct: dict = {}
+    metric: dict[str, float] = {}
     rows = []
     for b in tqdm(np.linspace(lo, hi, args.budgets), desc="budgets", leave=False):
         pick = {k: ps.text(choose(p, "ilp", float(b), None, args.seed)) for k, p in probs.items()}
         for t in pick.values():
             if t not in correct:
-                correct[t] = score(realised(t))[1]
+                metric[t], correct[t] = score(realised(t))
         rows.append({"priced_budget_ms": float(b), **{k: {
             "assignment": t, "priced_ms": pred.predict(ps.parse(t)),
-            "metric": float(correct[t].mean())} for k, t in pick.items()},
-            "kl_minus_hessian": paired(correct, pick["kl"], pick["hessian"])})
-    d = [r["kl_minus_hessian"] for r in rows]
+            "metric": metric[t]} for k, t in pick.items()},
+            f"{alt}_minus_hessian": paired(correct, pick[alt], pick["hessian"])
+            if pick[alt] != pick["hessian"] else
+            {"diff": 0.0, "ci95": [0.0, 0.0], "significantly_worse": False,
+             "significantly_better": False}})
+    d = [r[f"{alt}_minus_hessian"] for r in rows]
+    both = [(c, o) for c, o in zip(cost, sens.omega["int8"]) if c is not None]
     summary = {
-        "model": args.model, "device": device.name, "test_n": test_n, "kl_images": len(x),
-        "units": [u.name for u in ps.units], "kl": kl, "omega_int8": sens.omega["int8"],
-        "spearman_kl_vs_omega": spearman(kl, sens.omega["int8"]),
-        "budgets": len(rows), "same_pick": sum(r["kl"]["assignment"] == r["hessian"]["assignment"]
+        "model": args.model, "device": device.name, "test_n": test_n, "against": alt, **extra,
+        "units": [u.name for u in ps.units], alt: cost, "omega_int8": sens.omega["int8"],
+        f"spearman_{alt}_vs_omega": spearman(*zip(*both)),
+        "budgets": len(rows), "same_pick": sum(r[alt]["assignment"] == r["hessian"]["assignment"]
                                                for r in rows),
-        "kl_ge": sum(p["diff"] >= 0 for p in d), "kl_significantly_better":
-        sum(p["significantly_better"] for p in d), "kl_significantly_worse":
+        f"{alt}_ge": sum(p["diff"] >= 0 for p in d), f"{alt}_significantly_better":
+        sum(p["significantly_better"] for p in d), f"{alt}_significantly_worse":
         sum(p["significantly_worse"] for p in d),
         "mean_diff": float(np.mean([p["diff"] for p in d]))}
     for r in rows:
-        p = r["kl_minus_hessian"]
+        p = r[f"{alt}_minus_hessian"]
         print(f"{r['priced_budget_ms']:.3f} ms  Ω {r['hessian']['assignment']} "
-              f"{r['hessian']['metric']:.5f}  KL {r['kl']['assignment']} {r['kl']['metric']:.5f}"
+              f"{r['hessian']['metric']:.5f}  {alt} {r[alt]['assignment']} {r[alt]['metric']:.5f}"
               f"  {p['diff']:+.5f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("units", "kl", "omega_int8")}))
-    atomic_write_text(out / "objective.json",
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("units", alt, "omega_int8")}))
+    atomic_write_text(out / f"objective-{alt}.json",
                       json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
 
 
@@ -912,12 +926,19 @@ def main() -> None:
     ap.add_argument("--arch", default=None)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--budgets", type=int, default=20)
+    ap.add_argument("--against", choices=["kl", "drop", "blend"], default="kl",
+                    help="objective: the sensitivity compared with HAWQ's Ω")
     ap.add_argument("--kl-n", type=int, default=4000,
                     help="objective: validation images the single-unit KL is averaged over")
     ap.add_argument("--group", type=int, default=60,
                     help="assignments timed together (one group: one host state for all)")
     ap.add_argument("--span-s", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-images", type=int, default=None,
+                    help="measure the single-unit drops on so many generated validation images "
+                    "(hwnas quantize --drop-images)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="hessian",
+                    help="sweep: what every method minimises (hwnas quantize --objective)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--margin", type=float, default=None,
                     help="sweep: the methods choose under budget / (1 + PCT/100) (default: the "

@@ -19,6 +19,7 @@ def add_parsers(sub) -> None:
     from hwnas.cli import SPAN
     from hwnas.latency.lookup import CANARY_MODES
     from hwnas.measure import MIXED_ESTIMATE
+    from hwnas.quant.sensitivity import OBJECTIVES
 
     p = sub.add_parser("quantize", help="per-layer mixed precision under a latency budget: "
                        "table, sensitivity, ILP, a real QDQ model")
@@ -69,6 +70,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--calibration-images", type=int_range(1, 4096), default=64,
                    help="real training images the quantiser calibrates on (default 64)")
     p.add_argument("--hutchinson-samples", type=int_range(2, 10000), default=48)
+    p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
+                   help="what the methods minimise: hessian, HAWQ-V3's summed Tr(H)/n·‖ΔW‖² "
+                   "(default), or drop, the summed measured single-unit drops on the drop "
+                   "split (ties broken by the Hessian's)")
+    p.add_argument("--drop-images", type=positive_int, default=None, metavar="N",
+                   help="measure the single-unit drops on N generated validation images (the "
+                   "built-in data only; default: the data's own validation split)")
     p.add_argument("--fresh-sensitivity", action="store_true",
                    help="recompute the sensitivity even if it is cached")
     p.add_argument("--no-measure", action="store_true", help="do not time the realised model")
@@ -127,6 +135,7 @@ def cmd_quantize(args) -> None:
         calibration_images=args.calibration_images,
         hutchinson_samples=args.hutchinson_samples, measure=not args.no_measure,
         compare=args.compare, force=args.force, fresh_sensitivity=args.fresh_sensitivity,
+        objective=args.objective, drop_images=args.drop_images,
         seed=args.seed, protocol=replace(_protocol(args), estimate=args.estimate),
         progress=not args.quiet,
         margin_pct=args.margin, canary=args.canary, repair=args.repair,

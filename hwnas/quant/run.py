@@ -72,6 +72,8 @@ class QuantizeConfig:
     hutchinson_batches: int = 12
     hessian_batch_size: int = 16
     drop_split: str = "val"  # where single-unit drops are measured
+    drop_images: int | None = None  # that split of the generated data extended to so many
+    objective: str = "hessian"  # the ILP's costs: hessian (HAWQ-V3's Ω) | drop (measured drops)
     eval_split: str = "test"  # where the realised model's metric is reported
     measure: bool = True
     compare: bool = False
@@ -397,7 +399,8 @@ def sensitivity_for(target, ps: PrecisionSpace, device: Device, cfg: QuantizeCon
            "quantiser": {k: v for k, v in device.options.items() if k.startswith("int8_")},
            "samples": cfg.hutchinson_samples, "batches": cfg.hutchinson_batches,
            "batch_size": cfg.hessian_batch_size, "seed": cfg.seed,
-           "calibration_images": cfg.calibration_images, "drop_split": cfg.drop_split}
+           "calibration_images": cfg.calibration_images, "drop_split": cfg.drop_split,
+           **({"drop_images": cfg.drop_images} if cfg.drop_images else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = _cache_dir() / f"sensitivity-{digest}.json"
     if path.is_file() and not cfg.fresh_sensitivity:
@@ -412,8 +415,9 @@ def sensitivity_for(target, ps: PrecisionSpace, device: Device, cfg: QuantizeCon
     feeds = target.calibration_feeds(cfg.calibration_images, cfg.seed)
     s.metric = target.metric_name
     s.base_metric, s.drop = measure_drops(target, ps, device, fp32_onnx, feeds, cfg.drop_split,
-                                          workdir, cfg.progress)
+                                          workdir, cfg.progress, cfg.drop_images)
     s.drop_split = cfg.drop_split
+    s.settings["drop_images"] = cfg.drop_images
     s.correlate()
     atomic_write_text(path, json.dumps({"key": key, "sensitivity": s.to_dict()}, indent=1))
     return s, path
@@ -677,6 +681,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     # the checkpoint first: a checkpoint of another arch is the mistake to name, not the
     # missing table of the arch it was given with
     target = load_target(Path(cfg.ckpt), ps.base, ps.arch, ps.input_shape, cfg.data)
+    target.check_draw(cfg.drop_split, cfg.drop_images)
     table = load_mixed(_root(cfg), device, ps, cfg.host, cfg.strict)
     pred = MixedPredictor(table, ps)
     counts = ps.weight_counts()
@@ -720,7 +725,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                                         "them as the table has them)") from None
         corrected = drift is not None and cfg.canary == "correct"
         priced_at = drift if corrected else None  # what measuring_shift measures from
-        prob = Problem.build(pred, sens.omega_matrix(ps), counts)
+        prob = Problem.build(pred, sens.omega_matrix(ps, cfg.objective), counts)
         method = "given" if given is not None else cfg.method
         chosen: dict[str, Arch] = {"given": given} if given is not None else {}
         if cfg.budget_ms is not None:
@@ -813,7 +818,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         if band is not None else None,
         "metric_name": target.metric_name, "metric": pick.metric,
         "eval_split": cfg.eval_split, "fp32_metric_on_drop_split": sens.base_metric,
-        "perturbation": float(prob.perturbation(a.choices)[0]),
+        "objective": cfg.objective, "perturbation": float(prob.perturbation(a.choices)[0]),
         "predicted_size_mb": float(prob.size_mb(a.choices)[0]),
         "file_size_mb": pick.size_mb,
         "fastest": {"assignment": ps.text(fast), "predicted_ms": fast_ms},

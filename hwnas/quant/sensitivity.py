@@ -116,6 +116,9 @@ def hutchinson_traces(target, units: list[nn.Module | None], samples: int = 32,
     return draws.mean(0), se, n
 
 
+OBJECTIVES = ("hessian", "drop", "blend")
+
+
 def spearman(a, b) -> float | None:
     from scipy import stats
 
@@ -151,13 +154,58 @@ class Sensitivity:
     def from_dict(cls, d: dict) -> "Sensitivity":
         return cls(**d)
 
-    def omega_matrix(self, ps: PrecisionSpace) -> np.ndarray:
-        """[U, P]: Ω of unit u at its choice c (the ILP's objective coefficients)."""
+    def omega_matrix(self, ps: PrecisionSpace, objective: str = "hessian") -> np.ndarray:
+        """[U, P]: the objective's cost of unit u at its choice c (the ILP's coefficients; 0 at
+        fp32): `costs`."""
+        cost = self.costs(objective)
         P = max(len(u.precisions) for u in ps.units)
         out = np.zeros((len(ps.units), P))
         for i, u in enumerate(ps.units):
             for c, p in enumerate(u.precisions):
-                out[i, c] = self.omega.get(p, [0.0] * len(ps.units))[i] if p != "fp32" else 0.0
+                out[i, c] = cost.get(p, [0.0] * len(ps.units))[i] if p != "fp32" else 0.0
+        return out
+
+    def costs(self, objective: str = "hessian") -> dict[str, list[float]]:
+        """Per precision and unit, what the methods minimise the sum of.
+
+        - "hessian": HAWQ-V3's Ω.
+        - "drop": the measured single-unit drop, clipped at 0 (a drop below 0 is the split's
+          noise, not a gain); at fp16 the int8 drop scaled by the weights' perturbation ratio
+          ‖ΔW_fp16‖² / ‖ΔW_int8‖² (the unit's Hessian is the same, so HAWQ's quadratic model
+          scales a drop so). To it a tie-break: Ω scaled so that all units' together come to
+          a tenth of the smallest positive drop, so among assignments of equal summed drop the
+          one of least Ω is chosen. Larger would let Ω outweigh a measured drop; much smaller
+          would fall under the MILP solver's optimality gap.
+        - "blend": the mean of the two estimates of a unit's drop, the measured (clipped, as
+          "drop") and the curvature's, κ·Ω, with κ the median of drop / Ω over the units with
+          both positive (in the metric's units). A drop within the split's noise of 0 then
+          keeps the curvature's share rather than costing nothing: under "drop" such units are
+          free, so the latency tie-break quantises them at any budget."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; one of {OBJECTIVES}")
+        if objective == "hessian":
+            return {p: list(map(float, om)) for p, om in self.omega.items()}
+        if self.drop is None:
+            raise ValueError("this sensitivity has no measured drops")
+        d = np.array([max(x, 0.0) if x is not None else 0.0 for x in self.drop])
+        tiny = 0.1 * (d[d > 0].min() if (d > 0).any() else 1.0)
+        oi = np.asarray(self.omega.get("int8", np.zeros_like(d)), float)
+        both = (d > 0) & (oi > 0)
+        kappa = float(np.median(d[both] / oi[both])) if both.any() else 1.0
+        out = {}
+        for p, om in self.omega.items():
+            om = np.asarray(om, float)
+            if p == "int8":
+                base = d
+            else:
+                pp = np.asarray(self.perturbation[p], float)
+                pi = np.asarray(self.perturbation.get("int8", np.zeros_like(pp)), float)
+                base = d * np.divide(pp, pi, out=np.zeros_like(pp), where=pi > 0)
+            if objective == "blend":
+                out[p] = list(0.5 * (base + kappa * om))
+            else:
+                scale = tiny / om.sum() if om.sum() > 0 else 0.0
+                out[p] = list(base + scale * om)
         return out
 
     def correlate(self) -> None:
@@ -193,15 +241,18 @@ def hessian_sensitivity(target, ps: PrecisionSpace, samples: int = 32, batches: 
 
 
 def measure_drops(target, ps: PrecisionSpace, device, fp32_onnx, feeds, split: str,
-                  workdir, progress: bool = True) -> tuple[float, list[float | None]]:
-    """(all-fp32 metric, per unit the metric drop with only that unit in int8) on `split`,
-    each model realised by `hwnas.quant.realise.realise` with the real calibration `feeds`;
-    None for a unit that cannot be int8."""
+                  workdir, progress: bool = True, images: int | None = None
+                  ) -> tuple[float, list[float | None]]:
+    """(all-fp32 metric, per unit the metric drop with only that unit in int8) on `split`
+    (`images`: that split of the generated data extended to so many, `Target.split`), each
+    model realised by `hwnas.quant.realise.realise` with the real calibration `feeds`; None
+    for a unit that cannot be int8."""
     from pathlib import Path
 
     from hwnas.quant.realise import realise
 
-    base = target.evaluate(Path(fp32_onnx), split)
+    data = target.split(split, images)
+    base = target.metric(Path(fp32_onnx), data)
     drops: list[float | None] = []
     for i, u in enumerate(tqdm(ps.units, desc="single-unit int8", unit="unit", file=sys.stderr,
                                disable=not progress, leave=False, dynamic_ncols=True)):
@@ -212,6 +263,6 @@ def measure_drops(target, ps: PrecisionSpace, device, fp32_onnx, feeds, split: s
         choices[i] = u.precisions.index("int8")
         a = ps.arch.__class__(ps.name, tuple(choices))
         path = realise(fp32_onnx, Path(workdir) / f"only-{u.name}.onnx", device, ps, a, feeds)
-        drops.append(float(base - target.evaluate(path, split)))
+        drops.append(float(base - target.metric(path, data)))
         path.unlink(missing_ok=True)
     return float(base), drops

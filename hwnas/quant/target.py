@@ -93,7 +93,8 @@ class Target:
     _batch: Callable[[np.ndarray], object]
     _train_len: int
     _images: Callable[[np.ndarray], torch.Tensor]
-    _evaluate: Callable[[Path, str], float]
+    _evaluate: Callable[[Path, object], float]  # (ONNX file, a split of `split`) -> metric
+    _split: Callable[[str, int | None], object]  # see `split`
     matches_priced: bool
 
     def export(self, path: Path) -> Path:
@@ -127,9 +128,29 @@ class Target:
                                           align_corners=False)
         return [{"input": x[i:i + 1].numpy().astype(np.float32)} for i in range(len(x))]
 
-    def evaluate(self, onnx_path: Path, split: str = "test") -> float:
-        """The metric (top-1 in [0, 1], or COCO AP) of an ONNX file of this model on `split`."""
-        return self._evaluate(Path(onnx_path), split)
+    def split(self, name: str, n: int | None = None):
+        """The data's split `name` (a proxy `Split`, or the detector's COCO split); with `n`,
+        that split of the built-in generated data drawn with `n` images instead (the same
+        generator and the split's own seed, so disjoint from the other splits), for metric
+        differences below the standard split's noise; a `UserError` for other data."""
+        self.check_draw(name, n)
+        return self._split(name, n)
+
+    def check_draw(self, name: str, n: int | None) -> None:
+        """A `UserError` (one line) unless `split(name, n)` can be drawn."""
+        if n is not None and self.data not in ("shapes", "shapes-det"):
+            raise UserError(f"{n} {name} images need the built-in generated data; the "
+                            f"checkpoint's data is {self.data!r}: leave the image count out")
+
+    def evaluate(self, onnx_path: Path, split: str = "test", n: int | None = None) -> float:
+        """The metric (top-1 in [0, 1], or COCO AP) of an ONNX file of this model on `split`
+        (`n`: see `split`)."""
+        return self.metric(onnx_path, self.split(split, n))
+
+    def metric(self, onnx_path: Path, data) -> float:
+        """The metric of an ONNX file of this model on `data`, a split from `split` (loaded
+        once for many files)."""
+        return self._evaluate(Path(onnx_path), data)
 
     def identity(self) -> dict:
         h = hashlib.sha256(Path(self.ckpt).read_bytes()).hexdigest()
@@ -192,14 +213,16 @@ def _classifier(ckpt, ck, space, arch, input_shape, data) -> Target:
         x, y = batch
         return nn.functional.cross_entropy(m(x), y)
 
-    def evaluate(path: Path, split: str) -> float:
-        return onnx_top1(path, getattr(splits, split))
+    def split(name: str, n: int | None):
+        if n is None:
+            return getattr(splits, name)
+        return getattr(load_data(spec, size, {"train": 1, "val": 1, "test": 1, name: n}), name)
 
     shape = (1, 3, size, size)
     return Target("classifier", ckpt, space, arch, model, shape,
                   [model.stem] + list(model.blocks) + [model.head], "top1", spec, loss,
                   splits.train.batch, len(splits.train),
-                  lambda idx: splits.train.batch(idx)[0], evaluate,
+                  lambda idx: splits.train.batch(idx)[0], onnx_top1, split,
                   own.name == space.name and shape == tuple(input_shape))
 
 
@@ -268,7 +291,13 @@ def _detector(ckpt, ck, space, arch, input_shape, data) -> Target:
     root = resolve_data(spec)
     splits: dict = {}
 
-    def split(name: str):
+    def split(name: str, n: int | None = None):
+        if n is not None:
+            from hwnas.detection.data import generate_shapes_det
+
+            more = generate_shapes_det(sizes={"train": 1, "val": 1, "test": 1, name: n},
+                                       image_size=cfg.image_size)
+            return load_coco(more, name, cfg.image_size)
         if name not in splits:
             splits[name] = load_coco(root, name, cfg.image_size)
             if list(splits[name].cat_ids) != list(meta["cat_ids"]):
@@ -283,8 +312,7 @@ def _detector(ckpt, ck, space, arch, input_shape, data) -> Target:
         d = m.det
         return sum(d.loss(d(x), targets).values())
 
-    def evaluate(path: Path, name: str) -> float:
-        s = split(name)
+    def evaluate(path: Path, s) -> float:
         return float(coco_metrics(s, detect_onnx(path, s))["AP"])
 
     body = det.backbone.body
@@ -292,4 +320,4 @@ def _detector(ckpt, ck, space, arch, input_shape, data) -> Target:
     shape = (1, 3, cfg.image_size, cfg.image_size)
     return Target("detector", ckpt, space, arch, _Deployable(det), shape, units, "AP", spec,
                   loss, lambda idx: train.batch(idx), len(train),
-                  lambda idx: train.batch(idx)[0], evaluate, shape == tuple(input_shape))
+                  lambda idx: train.batch(idx)[0], evaluate, split, shape == tuple(input_shape))
