@@ -71,9 +71,10 @@ def add_parsers(sub) -> None:
                    help="real training images the quantiser calibrates on (default 64)")
     p.add_argument("--hutchinson-samples", type=int_range(2, 10000), default=48)
     p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
-                   help="what the methods minimise: hessian, HAWQ-V3's summed Tr(H)/n·‖ΔW‖² "
-                   "(default), or drop, the summed measured single-unit drops on the drop "
-                   "split (ties broken by the Hessian's)")
+                   help="what the methods minimise the sum of: hessian, HAWQ-V3's "
+                   "Tr(H)/n·‖ΔW‖² (default); drop, the measured single-unit drops (ties broken "
+                   "by the Hessian's); blend, the mean of the drop and the Hessian's estimate "
+                   "of it")
     p.add_argument("--drop-images", type=positive_int, default=None, metavar="N",
                    help="measure the single-unit drops on N generated validation images (the "
                    "built-in data only; default: the data's own validation split)")

@@ -73,7 +73,7 @@ class QuantizeConfig:
     hessian_batch_size: int = 16
     drop_split: str = "val"  # where single-unit drops are measured
     drop_images: int | None = None  # that split of the generated data extended to so many
-    objective: str = "hessian"  # the ILP's costs: hessian (HAWQ-V3's Ω) | drop (measured drops)
+    objective: str = "hessian"  # what the methods minimise: `Sensitivity.costs`
     eval_split: str = "test"  # where the realised model's metric is reported
     measure: bool = True
     compare: bool = False

@@ -292,18 +292,19 @@ def _detector(ckpt, ck, space, arch, input_shape, data) -> Target:
     splits: dict = {}
 
     def split(name: str, n: int | None = None):
-        if n is not None:
-            from hwnas.detection.data import generate_shapes_det
+        if (name, n) not in splits:
+            where = root
+            if n is not None:
+                from hwnas.detection.data import generate_shapes_det
 
-            more = generate_shapes_det(sizes={"train": 1, "val": 1, "test": 1, name: n},
-                                       image_size=cfg.image_size)
-            return load_coco(more, name, cfg.image_size)
-        if name not in splits:
-            splits[name] = load_coco(root, name, cfg.image_size)
-            if list(splits[name].cat_ids) != list(meta["cat_ids"]):
-                raise UserError(f"the data's categories {splits[name].cat_ids} are not the "
+                where = generate_shapes_det(sizes={"train": 1, "val": 1, "test": 1, name: n},
+                                            image_size=cfg.image_size)
+            s = load_coco(where, name, cfg.image_size)
+            if list(s.cat_ids) != list(meta["cat_ids"]):
+                raise UserError(f"the data's categories {s.cat_ids} are not the "
                                 f"checkpoint's {meta['cat_ids']}")
-        return splits[name]
+            splits[name, n] = s
+        return splits[name, n]
 
     train = split("train")
 
