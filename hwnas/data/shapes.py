@@ -7,8 +7,10 @@ random frequency and orientation, plus one small distractor blob and per-pixel G
 Why this and not MNIST: the polygons differ only in their number of corners, which takes
 receptive field and capacity to tell apart, so candidates' accuracies spread out instead of
 saturating (measured: after 400 stand-alone steps, random det20-w0.25 archs at 64×64 reach
-different test accuracies — see tools/bench_search.py). Nothing is downloaded; image `i` of split
-`s` is a pure function of (seed, split, i), so every machine generates the same pixels.
+different test accuracies — see tools/bench_search.py). Nothing is downloaded; a split is a pure
+function of (seed, split, its size), so every machine generates the same pixels. Images are made
+in chunks of 512 seeded by (seed, split, chunk start) and shuffled within their chunk, so splits
+of two sizes share their full chunks only (a last, partial chunk differs).
 """
 
 from __future__ import annotations
