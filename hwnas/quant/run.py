@@ -72,7 +72,7 @@ class QuantizeConfig:
     hutchinson_batches: int = 12
     hessian_batch_size: int = 16
     drop_split: str = "val"  # where single-unit drops are measured
-    drop_images: int | None = None  # that split of the generated data extended to so many
+    drop_images: int | None = None  # that split of the generated data drawn with so many
     objective: str = "hessian"  # what the methods minimise: `Sensitivity.costs`
     eval_split: str = "test"  # where the realised model's metric is reported
     measure: bool = True

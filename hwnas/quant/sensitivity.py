@@ -244,7 +244,7 @@ def measure_drops(target, ps: PrecisionSpace, device, fp32_onnx, feeds, split: s
                   workdir, progress: bool = True, images: int | None = None
                   ) -> tuple[float, list[float | None]]:
     """(all-fp32 metric, per unit the metric drop with only that unit in int8) on `split`
-    (`images`: that split of the generated data extended to so many, `Target.split`), each
+    (`images`: that split of the generated data drawn with so many, `Target.split`), each
     model realised by `hwnas.quant.realise.realise` with the real calibration `feeds`; None
     for a unit that cannot be int8."""
     from pathlib import Path
