@@ -24,17 +24,19 @@ the all-fp32 one, both × (1 + margin); at each, the ILP's, greedy's and random 
 assignments (the same sensitivity and table), plus uniform fp32 and int8; every distinct
 assignment realised (real calibration), timed with the protocol (groups interleaved with the
 table's references) and scored (top-1 on the proxy's test split, or COCO AP on the detector's;
-`--test-n` a larger generated one). As `hwnas quantize --repair`, a pick measured over its
-budget is chosen again under its price scaled by the miss (`--repair` rounds, every method
-alike; `--verify K` first, the verified choice of `hwnas quantize --verify`), and then every
-final assignment is timed afresh in one run (`--final-runs R`: R runs,
-each assignment at its median): the keeps and the plane come from that timing, not from the
-one that ended the repair. Where the ILP's front trails another's, the JSON lists the budget,
-both points and the paired 95% interval of the difference (top-1: per image; AP: a paired
-bootstrap over images, `hwnas.detection.evaluate.paired_ap`). Writes
-``<out>/sweep.csv``, ``sweep.json`` and ``pareto.png``; realised files are kept in
-``<out>/models`` so a rerun resumes. The latency tables must exist
-(`hwnas quantize --profile`); the latency validation is `hwnas quantize --validate 100`.
+`--test-n` a larger generated one; `--test-skip K` only its images after the first K, which
+no smaller draw holds: with `--rescore`, a held-out re-reading of a finished sweep). As
+`hwnas quantize --repair`, a pick measured over its budget is chosen again under its price
+scaled by the miss (`--repair` rounds, every method alike; `--verify K` first, the verified
+choice of `hwnas quantize --verify`), and then every final assignment is timed afresh in one
+run (`--final-runs R`: R runs, each assignment at its median): the keeps and the plane come
+from that timing, not from the one that ended the repair. Where the ILP's front trails
+another's, the JSON lists the budget, both points and the paired 95% interval of the
+difference (top-1: per image; AP: a paired bootstrap over images,
+`hwnas.detection.evaluate.paired_ap`). Writes ``<out>/sweep.csv``, ``sweep.json`` and
+``pareto.png``; realised files are kept in ``<out>/models`` so a rerun resumes. The latency
+tables must exist (`hwnas quantize --profile`); the latency validation is `hwnas quantize
+--validate 100`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class Model:
     arch: str
     ckpt: str
 
+
+# a generated split is made in chunks of this many images, seeded by their start: a draw of n
+# images shares its full chunks with any larger draw, and the images from a multiple of it on
+# are new (hwnas/data/shapes.py)
+CHUNK = 512
 
 BOOTSTRAP = 500  # resamples of a paired AP bootstrap (~0.06 s each per model at 2,000 images)
 
@@ -168,6 +175,22 @@ def scorer(args, target):
         split = target.split("test", n)
     except UserError as e:
         raise SystemExit(f"--test-n: {e}") from None
+    skip = args.test_skip
+    if skip:  # a held-out re-reading: the images after the first `skip` only
+        if not n or not 0 < skip < n:
+            raise SystemExit(f"--test-skip {skip}: needs a --test-n above it")
+        if target.kind == "classifier":
+            if skip % CHUNK:
+                raise SystemExit(f"--test-skip {skip}: the classifier's needs a multiple of "
+                                 f"{CHUNK} (the generator's chunk)")
+            from hwnas.data import Split
+
+            split = Split(split.images[skip:], split.labels[skip:])
+        else:  # shapes-det renders image i from (seed, split, i) alone: any skip is new images
+            from dataclasses import replace
+
+            split = replace(split, image_ids=split.image_ids[skip:], files=split.files[skip:],
+                            boxes=split.boxes[skip:], labels=split.labels[skip:], _cache={})
     if target.kind == "classifier":
         from hwnas.quant.target import onnx_correct
 
@@ -182,7 +205,7 @@ def scorer(args, target):
     def score_det(path):  # pycocotools' AP, unrounded, kept per image for paired bootstraps
         ev = PerImageAP(split, detect_onnx(path, split))
         return ev.ap(), ev
-    return score_det, n
+    return score_det, len(split)
 
 
 def sweep_settings(args, cfg, pred) -> dict:
@@ -334,7 +357,7 @@ def sweep(args, cfg, device, ps, pred, target, sens, out, journal) -> None:
                                                      for r in ilp)
                                                  if args.repair or args.verify else None)})
     summary.update({"canary": drift.to_dict() if drift else None, "margin_pct": margin,
-                    "margin_source": source, "test_n": test_n,
+                    "margin_source": source, "test_n": test_n, "test_skip": args.test_skip,
                     "model": args.model, "space": ps.base.name, "arch": str(ps.arch),
                     "device": device.name, "host": pred.table.host, "metric": target.metric_name,
                     "latency_of": latency_of(target, ps), "timing": record,
@@ -370,7 +393,7 @@ def rescore(args) -> None:
             r["metric"] = scores[r["assignment"]]
     summary.update(summarise(rows, summary["budgets"], uniform, scores, measured, pred, ps,
                              correct, summary["timing"], drift))
-    summary["test_n"] = test_n
+    summary["test_n"], summary["test_skip"] = test_n, args.test_skip
     write_sweep(out, rows, summary, ps, device, pred, target)
 
 
@@ -390,7 +413,8 @@ def write_sweep(out: Path, rows: list[dict], summary: dict, ps, device, pred, ta
     pareto_plot(rows, out / "pareto.png",
                 f"{ps.base.name} {ps.arch} on {device.name} ({pred.table.host}): "
                 f"{len(budgets)} budgets, margin {margin:.1f}%",
-                f"{target.metric_name} (test" + (f", {test_n:,} images)" if test_n else ")"),
+                f"{target.metric_name} (test" + (f", {test_n:,} images" if test_n else "")
+                + (f" from image {summary['test_skip']:,})" if summary.get("test_skip") else ")"),
                 budgets)
     print(json.dumps(summary, indent=1))
 
@@ -672,7 +696,8 @@ def cmd_objective(args) -> None:
     d = [r[f"{alt}_minus_hessian"] for r in rows]
     both = [(c, o) for c, o in zip(cost, sens.omega["int8"]) if c is not None]
     summary = {
-        "model": args.model, "device": device.name, "test_n": test_n, "against": alt, **extra,
+        "model": args.model, "device": device.name, "test_n": test_n,
+        "test_skip": args.test_skip, "against": alt, **extra,
         "units": [u.name for u in ps.units], alt: cost, "omega_int8": sens.omega["int8"],
         f"spearman_{alt}_vs_omega": spearman(*zip(*both)),
         "budgets": len(rows), "same_pick": sum(r[alt]["assignment"] == r["hessian"]["assignment"]
@@ -959,6 +984,11 @@ def main() -> None:
     ap.add_argument("--test-n", type=int, default=0,
                     help="sweep: score on a generated test split of this many images (default: "
                     "the model's own test split)")
+    ap.add_argument("--test-skip", type=int, default=0,
+                    help="sweep, objective: score on the --test-n draw's images after the "
+                    f"first K only (the classifier's: K a multiple of {CHUNK}): images no smaller "
+                    "draw contains, e.g. --test-n 120480 --test-skip 20480 re-reads a sweep "
+                    "scored on 20,000 on 100,000 new ones (with --rescore)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "picture": cmd_picture,
