@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -718,6 +719,13 @@ def test_cli_quantize_end_to_end(classifier, mixed_tables, tmp_path, env, capsys
     assert res["measured_ms"] > 0 and res["budget"]["budget_ms"] == budget
     s = res["sensitivity"]
     assert len(s["units"]) == 6 and all(u["drop"] is not None for u in s["units"])
+    # unless told, the methods minimise the blend of the measured drops and Ω: what the result
+    # reports as its perturbation is the blend's summed cost of the pick
+    sens = Sensitivity.from_dict(json.loads(Path(s["cache"]).read_text())["sensitivity"])
+    blend = np.array(sens.costs("blend")["int8"])
+    assert res["objective"] == "blend" and not np.allclose(blend, sens.omega["int8"])
+    chosen = np.array(ps.parse(res["assignment"]).choices)
+    assert res["perturbation"] == pytest.approx(float(blend @ chosen), rel=1e-9, abs=1e-15)
     # a given assignment is realised as it is; the sensitivity comes from the cache
     out2 = tmp_path / "g.onnx"
     assert main(_args(mixed_tables, classifier, out2, "--assignment", "ffiiif",

@@ -59,7 +59,7 @@ from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
 from hwnas.measure import Protocol
 from hwnas.quant.assign import Problem, choose, fastest
-from hwnas.quant.sensitivity import OBJECTIVES
+from hwnas.quant.sensitivity import DEFAULT_OBJECTIVE, OBJECTIVES
 from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, band_evidence,
                                  guard_margin_pct, load_mixed, margin_evidence, time_references)
 from hwnas.quant.realise import assignment_device
@@ -958,8 +958,9 @@ def main() -> None:
     ap.add_argument("--drop-images", type=int, default=None,
                     help="measure the single-unit drops on so many generated validation images "
                     "(hwnas quantize --drop-images)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="hessian",
-                    help="sweep: what every method minimises (hwnas quantize --objective)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                    help="sweep: what every method minimises (hwnas quantize --objective; "
+                    "default %(default)s; the sweeps before 2026-11-24 07:00 UTC ran hessian)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--margin", type=float, default=None,
                     help="sweep: the methods choose under budget / (1 + PCT/100) (default: the "

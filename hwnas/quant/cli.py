@@ -19,7 +19,7 @@ def add_parsers(sub) -> None:
     from hwnas.cli import SPAN
     from hwnas.latency.lookup import CANARY_MODES
     from hwnas.measure import MIXED_ESTIMATE
-    from hwnas.quant.sensitivity import OBJECTIVES
+    from hwnas.quant.sensitivity import DEFAULT_OBJECTIVE, OBJECTIVES
 
     p = sub.add_parser("quantize", help="per-layer mixed precision under a latency budget: "
                        "table, sensitivity, ILP, a real QDQ model")
@@ -70,11 +70,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--calibration-images", type=int_range(1, 4096), default=64,
                    help="real training images the quantiser calibrates on (default 64)")
     p.add_argument("--hutchinson-samples", type=int_range(2, 10000), default=48)
-    p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
+    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                    help="what the methods minimise the sum of: hessian, HAWQ-V3's "
-                   "Tr(H)/n·‖ΔW‖² (default); drop, the measured single-unit drops (ties broken "
-                   "by the Hessian's); blend, the mean of the drop and the Hessian's estimate "
-                   "of it")
+                   "Tr(H)/n·‖ΔW‖²; drop, the measured single-unit drops (ties broken by the "
+                   "Hessian's); blend, the mean of the drop and the Hessian's estimate of it "
+                   "(default %(default)s)")
     p.add_argument("--drop-images", type=positive_int, default=None, metavar="N",
                    help="measure the single-unit drops on N generated validation images (the "
                    "built-in data only; default: the data's own validation split)")

@@ -44,7 +44,8 @@ from hwnas.quant.latency import (MARGIN_QUANTILE, MixedPredictor, WholeModels, a
                                  band_evidence, load_mixed, margin_evidence, measure_runners,
                                  profile_mixed, time_references, under_quantile_pct)
 from hwnas.quant.realise import assignment_device, realise
-from hwnas.quant.sensitivity import Sensitivity, hessian_sensitivity, measure_drops
+from hwnas.quant.sensitivity import (DEFAULT_OBJECTIVE, Sensitivity, hessian_sensitivity,
+                                     measure_drops)
 from hwnas.quant.units import PrecisionSpace, device_precisions
 from hwnas.spaces import get_space
 from hwnas.spaces.base import Arch, SearchSpace, Shape
@@ -73,7 +74,7 @@ class QuantizeConfig:
     hessian_batch_size: int = 16
     drop_split: str = "val"  # where single-unit drops are measured
     drop_images: int | None = None  # that split of the generated data drawn with so many
-    objective: str = "hessian"  # what the methods minimise: `Sensitivity.costs`
+    objective: str = DEFAULT_OBJECTIVE  # what the methods minimise: `Sensitivity.costs`
     eval_split: str = "test"  # where the realised model's metric is reported
     measure: bool = True
     compare: bool = False

@@ -117,6 +117,9 @@ def hutchinson_traces(target, units: list[nn.Module | None], samples: int = 32,
 
 
 OBJECTIVES = ("hessian", "drop", "blend")
+# what `hwnas quantize` minimises unless told: the blend beat Omega alone on test images that no
+# choice was made on (README, "Mixed precision"); "hessian" until 2026-11-24
+DEFAULT_OBJECTIVE = "blend"
 
 
 def spearman(a, b) -> float | None:
