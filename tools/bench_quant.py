@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hwnas.data.shapes import CHUNK  # a draw's images from a multiple of it on are new
 from hwnas.fileio import atomic_write_text, sha256_file
 from hwnas.latency.table import host_dir
 from hwnas.latency.validate import budget_verdict, noise_tolerance_pct
@@ -75,11 +76,6 @@ class Model:
     arch: str
     ckpt: str
 
-
-# a generated split is made in chunks of this many images, seeded by their start: a draw of n
-# images shares its full chunks with any larger draw, and the images from a multiple of it on
-# are new (hwnas/data/shapes.py)
-CHUNK = 512
 
 BOOTSTRAP = 500  # resamples of a paired AP bootstrap (~0.06 s each per model at 2,000 images)
 

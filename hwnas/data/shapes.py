@@ -57,7 +57,10 @@ def _signed_inside(cls: int, x: np.ndarray, y: np.ndarray, radius: np.ndarray,
     raise AssertionError(name)
 
 
-def generate(n: int, image_size: int, seed: int, split: int, chunk: int = 512,
+CHUNK = 512  # images per generator chunk: a draw of n shares its full chunks with larger ones
+
+
+def generate(n: int, image_size: int, seed: int, split: int, chunk: int = CHUNK,
              ) -> tuple[np.ndarray, np.ndarray]:
     """`n` images uint8 [n, 3, S, S] and labels int64 [n] (classes balanced, order shuffled).
 
