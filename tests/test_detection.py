@@ -260,6 +260,11 @@ def test_per_image_ap_is_pycocotools_ap_on_any_subset_and_pairs_by_bootstrap(tmp
         assert p.ap() == pytest.approx(coco_metrics(split, dets)["AP"], abs=5e-5)
         assert p.ap(np.arange(17)) == pytest.approx(coco_metrics(split, dets[:17])["AP"],
                                                     abs=5e-5)
+        # the split without its first 23 images is those images alone, to pycocotools too
+        tail = split.images_from(23)
+        assert len(tail) == 17 and torch.equal(tail.image(0)[0], split.image(23)[0])
+        assert coco_metrics(tail, dets[23:])["AP"] == pytest.approx(p.ap(np.arange(23, 40)),
+                                                                    abs=5e-5)
     g, b = PerImageAP(split, good), PerImageAP(split, bad)
     same = paired_ap(g, g, resamples=200)
     assert same["diff"] == 0 and same["ci95"] == [0, 0] and not same["significantly_worse"]

@@ -655,6 +655,8 @@ def test_a_target_draws_larger_generated_splits(tiny, tmp_path, env):
     t = load_target(ckpt, tiny, arch, (1, 3, 32, 32))
     big = t.split("val", 40)
     assert len(big) == 40 and len(t.split("val")) != 40
+    tail = big.images_from(8)  # what bench_quant --test-skip scores
+    assert len(tail) == 32 and torch.equal(tail.batch([0])[0], big.batch([8])[0])
     assert not torch.equal(big.batch(np.arange(5))[0], t.split("test", 40).batch(np.arange(5))[0])
     path = t.export(tmp_path / "fp32.onnx")
     assert t.evaluate(path, "val", 40) == onnx_top1(path, big)

@@ -175,18 +175,11 @@ def scorer(args, target):
     if skip:  # a held-out re-reading: the images after the first `skip` only
         if not n or not 0 < skip < n:
             raise SystemExit(f"--test-skip {skip}: needs a --test-n above it")
-        if target.kind == "classifier":
-            if skip % CHUNK:
-                raise SystemExit(f"--test-skip {skip}: the classifier's needs a multiple of "
-                                 f"{CHUNK} (the generator's chunk)")
-            from hwnas.data import Split
-
-            split = Split(split.images[skip:], split.labels[skip:])
-        else:  # shapes-det renders image i from (seed, split, i) alone: any skip is new images
-            from dataclasses import replace
-
-            split = replace(split, image_ids=split.image_ids[skip:], files=split.files[skip:],
-                            boxes=split.boxes[skip:], labels=split.labels[skip:], _cache={})
+        # shapes-det renders image i from (seed, split, i) alone: any skip leaves new images
+        if target.kind == "classifier" and skip % CHUNK:
+            raise SystemExit(f"--test-skip {skip}: the classifier's needs a multiple of "
+                             f"{CHUNK} (the generator's chunk)")
+        split = split.images_from(skip)
     if target.kind == "classifier":
         from hwnas.quant.target import onnx_correct
 

@@ -40,6 +40,10 @@ class Split:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return to_float(self.images[idx]), self.labels[idx]
 
+    def images_from(self, k: int) -> "Split":
+        """The split without its first `k` images."""
+        return Split(self.images[k:], self.labels[k:])
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     # fixed normalisation (not dataset statistics) so a user's folder and the proxy match

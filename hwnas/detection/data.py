@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +273,12 @@ class CocoSplit:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def images_from(self, k: int) -> "CocoSplit":
+        """The split without its first `k` images (the annotation file is shared; evaluation
+        reads only `image_ids`)."""
+        return replace(self, image_ids=self.image_ids[k:], files=self.files[k:],
+                       boxes=self.boxes[k:], labels=self.labels[k:], _cache={})
 
     @property
     def num_classes(self) -> int:
